@@ -1,0 +1,81 @@
+"""ASAM's adaptive geometry: the ball of the scale-invariant norm ||T_w^-1 eps||_p."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Union
+
+import jax
+import jax.numpy as jnp
+
+from sam_optax import _utils
+from sam_optax.geometry._base import AscentGeometry, make_geometry, require_params
+from sam_optax.geometry._pnorm import _pnorm, check_p, dual_direction
+
+MaskOrFn = Union[Any, Callable[[Any], Any]]
+
+
+def adaptive(
+    rho: _utils.ScalarOrSchedule = 0.5,
+    eta: float = 0.01,
+    *,
+    p: float = 2,
+    mask: Optional[MaskOrFn] = None,
+    eps: float = 1e-12,
+) -> AscentGeometry:
+    r"""The adaptive (ASAM) geometry, :math:`T_w = \mathrm{diag}(|w| + \eta)`.
+
+    The ball is :math:`\lVert T_w^{-1}\epsilon\rVert_p \le \rho`; its first-order
+    maximizer is :math:`\epsilon = T_w\,\delta` with :math:`\delta` the p-norm
+    solution for the gradient :math:`T_w g`. For ``p = 2`` (the paper's choice):
+
+    .. math::
+
+      \epsilon = \rho \, \frac{T_w^2 \, g}{\lVert T_w \, g \rVert_2 + \varepsilon}
+
+    and for ``p = inf``: :math:`\epsilon = \rho\,T_w\,\mathrm{sign}(g)`.
+    :math:`T_w` is taken at the current (unperturbed) weights.
+
+    Args:
+      rho: radius, ``>= 0`` or a schedule (the paper uses 0.5 on CIFAR-10 and 1.0
+        on CIFAR-100, ten times SAM's).
+      eta: ``>= 0``, added to ``|w|``; the official class default is 0.01.
+        With ``eta = 0`` a zero weight is never perturbed.
+      p: the norm, ``1 <= p <= inf``.
+      mask: a pytree of bools like the params (or a function of the params
+        returning one); where ``False`` the leaf uses ``T = 1`` (plain SAM). The
+        official code is adaptive only for weights, not for biases: pass e.g.
+        ``lambda params: jax.tree_util.tree_map_with_path(lambda k, _:
+        'bias' not in jax.tree_util.keystr(k), params)``. ``None``: every leaf.
+      eps: added to the norm in the denominator, ``>= 0``.
+
+    Returns:
+      The corresponding :class:`sam_optax.geometry.AscentGeometry`.
+
+    References:
+      Kwon et al, `ASAM: Adaptive Sharpness-Aware Minimization for
+      Scale-Invariant Learning of Deep Neural Networks
+      <https://arxiv.org/abs/2102.11600>`_, 2021
+    """
+    _utils.check_range("eta", eta, low=0.0)
+    _utils.check_range("eps", eps, low=0.0)
+    p = check_p(p)
+
+    def scale(params):
+        require_params(params, "adaptive")
+        t = jax.tree.map(lambda w: jnp.abs(w) + eta, params)
+        if mask is None:
+            return t
+        m = mask(params) if callable(mask) else mask
+        return jax.tree.map(lambda ti, mi: jnp.where(mi, ti, jnp.ones_like(ti)), t, m)
+
+    def perturb(g, params, rho_t):
+        t = scale(params)
+        delta = dual_direction(jax.tree.map(jnp.multiply, t, g), p, eps)
+        return jax.tree.map(lambda ti, d: rho_t * ti * d, t, delta)
+
+    def norm(e, g, params):
+        del g
+        t = scale(params)
+        return _pnorm(jax.tree.map(lambda ei, ti: ei / ti, e, t), p)
+
+    return make_geometry(perturb, norm, rho)

@@ -1,0 +1,92 @@
+"""The ascent-geometry protocol: how a perturbation is made from a gradient."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from sam_optax import _utils
+
+PerturbFn = Callable[[Any, Any, jax.Array], Any]
+NormFn = Callable[[Any, Any, Any], jax.Array]
+
+
+class AscentGeometry(NamedTuple):
+    """An ascent geometry: maps a gradient ``g`` to a perturbation ``eps``.
+
+    It follows optax's transformation protocol, so it can be wrapped by
+    ``optax.inject_hyperparams`` (e.g. to change ``rho`` between steps) and its
+    state is a pytree that checkpoints like any optimizer state:
+
+    * ``init(params) -> state``;
+    * ``update(grads, state, params=None, **extra_args) -> (perturbation, state)``:
+      the perturbation has the structure of ``params`` and at least float32
+      precision, and lies on the sphere of radius ``rho`` of the geometry's norm
+      (or is zero when the gradient is zero);
+    * ``norm(perturbation, grads, params) -> scalar``: that norm, used to project
+      multi-step ascent back onto the ``rho``-ball and by the tests.
+
+    ``norm`` may be ``None`` for a geometry without a ball (then multi-step
+    ascent is not available for it).
+    """
+
+    init: Callable[[Any], Any]
+    update: Callable[..., tuple[Any, Any]]
+    norm: Optional[NormFn] = None
+
+
+class ScheduleState(NamedTuple):
+    """State of a geometry whose ``rho`` is a schedule.
+
+    Attributes:
+      count: number of perturbations made so far; ``rho`` is evaluated at it.
+    """
+
+    count: jax.Array  # shape=(), dtype=jnp.int32.
+
+
+def make_geometry(perturb: PerturbFn, norm: NormFn, rho: _utils.ScalarOrSchedule) -> AscentGeometry:
+    """Builds an :class:`AscentGeometry` from a stateless perturbation rule.
+
+    Handles what every geometry shares: ``rho`` as a number, array or optax
+    schedule (then the state counts steps), and float32 arithmetic.
+
+    Args:
+      perturb: ``perturb(grads, params, rho) -> perturbation``, with ``grads`` and
+        ``params`` already cast to (at least) float32; ``params`` may be ``None``.
+      norm: ``norm(perturbation, grads, params) -> scalar`` in float32.
+      rho: radius of the ball.
+    """
+    _utils.check_range("rho", rho, low=0.0, allow_schedule=True)
+    scheduled = callable(rho)
+
+    def init_fn(params):
+        del params
+        if scheduled:
+            return ScheduleState(count=jnp.zeros([], jnp.int32))
+        return optax.EmptyState()
+
+    def update_fn(grads, state, params=None, **extra_args):
+        del extra_args
+        if scheduled:
+            rho_t = _utils.value_at(rho, state.count)
+            state = ScheduleState(count=optax.safe_increment(state.count))
+        else:
+            rho_t = jnp.asarray(rho)
+        p32 = None if params is None else _utils.to_compute(params)
+        eps = perturb(_utils.to_compute(grads), p32, rho_t.astype(jnp.float32))
+        return eps, state
+
+    def norm_fn(perturbation, grads, params=None):
+        p32 = None if params is None else _utils.to_compute(params)
+        return norm(_utils.to_compute(perturbation), _utils.to_compute(grads), p32)
+
+    return AscentGeometry(init_fn, update_fn, norm_fn)
+
+
+def require_params(params: Any, geometry: str) -> None:
+    if params is None:
+        raise ValueError(f"The {geometry} geometry needs params: {optax.NO_PARAMS_MSG}")

@@ -1,0 +1,16 @@
+"""Combination rules: how the clean and perturbed gradients become an update."""
+
+from sam_optax.rules._base import SharpnessRuleState, clip_by_global_norm, sharpness_rule
+from sam_optax.rules._gsam import gsam, gsam_rho_schedule
+from sam_optax.rules._sam import sam
+from sam_optax.rules._wsam import wsam
+
+__all__ = [
+    "SharpnessRuleState",
+    "clip_by_global_norm",
+    "gsam",
+    "gsam_rho_schedule",
+    "sam",
+    "sharpness_rule",
+    "wsam",
+]

@@ -1,0 +1,47 @@
+"""SAM: the base optimizer sees the perturbed gradient."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import optax
+
+from sam_optax.rules._base import sharpness_rule
+
+
+def sam(base: optax.GradientTransformation, *, max_norm: Optional[float] = None) -> optax.GradientTransformationExtraArgs:
+    r"""Sharpness-Aware Minimization: feed the base optimizer :math:`\nabla L(w+\epsilon)`.
+
+    .. math::
+
+      u_t = \mathrm{base}\big(\tilde g_t\big), \qquad
+      \tilde g_t = \nabla L(w_t + \epsilon_t)
+
+    where :math:`\epsilon_t` comes from the ascent geometry given to
+    :func:`sam_optax.sharpness_aware_grad` (L2 ball: SAM; adaptive: ASAM;
+    Fisher: Fisher-SAM).
+
+    Which gradient each chained optax piece sees: pieces *inside* ``base`` (e.g.
+    ``sam(optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(0.1)))``) see
+    :math:`\tilde g`; pieces chained *before* ``sam`` see only the clean gradient,
+    which this rule ignores; pieces *after* see the base optimizer's updates.
+
+    Args:
+      base: any optax optimizer (``optax.sgd(0.1, momentum=0.9)``, ``optax.adamw``,
+        ``optax.MultiSteps(...)`` for gradient accumulation, ...).
+      max_norm: optional ``> 0``; clip the gradients to this global norm first.
+
+    Returns:
+      The corresponding :class:`optax.GradientTransformationExtraArgs`; call its
+      ``update(grads, state, params, perturbed_grads=...)``.
+
+    References:
+      Foret et al, `Sharpness-Aware Minimization for Efficiently Improving
+      Generalization <https://arxiv.org/abs/2010.01412>`_, 2021
+    """
+
+    def combine(g, g_pert, state, params):
+        del g, params
+        return g_pert, None, state.extra
+
+    return sharpness_rule(base, combine, name="sam", max_norm=max_norm)
