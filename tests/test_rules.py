@@ -295,3 +295,31 @@ def test_bf16_params_stay_bf16():
         assert x.dtype == jnp.bfloat16
     for x in jax.tree.leaves(state.inner_state[0].mu):
         assert x.dtype == jnp.bfloat16
+
+
+# ---- property tests: rule identities over random pytrees -----------------------------
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+_shapes = st.lists(st.lists(st.integers(1, 4), min_size=0, max_size=3), min_size=1, max_size=4)
+
+
+def _trees(shape_list, seed):
+    keys = jax.random.split(jax.random.PRNGKey(seed), 3 * len(shape_list))
+    mk = lambda j: {f"l{i}": jax.random.normal(keys[3 * i + j], tuple(s)) for i, s in enumerate(shape_list)}
+    return mk(0), mk(1), mk(2)
+
+
+@settings(max_examples=20, deadline=None)
+@given(_shapes, st.integers(0, 10_000), st.floats(0.0, 0.95), st.floats(0.001, 1.0))
+def test_property_rule_identities(shape_list, seed, gamma, lr):
+    g, gp, w = _trees(shape_list, seed)
+    upd = lambda tx: tx.update(g, tx.init(w), w, perturbed_grads=gp)[0]
+    sgd = optax.sgd(lr)
+    # decoupled == coupled for plain SGD
+    assert_trees_close(upd(sam_optax.wsam(sgd, gamma, learning_rate=lr)), upd(sam_optax.wsam(sgd, gamma, decouple=False)),
+                       rtol=1e-4, atol=1e-5)
+    # coupled 1/2 == sam; gsam alpha=0 == sam; wsam gamma=0 == base on g
+    assert_trees_close(upd(sam_optax.wsam(sgd, 0.5, decouple=False)), upd(sam_optax.sam(sgd)), rtol=1e-5, atol=1e-6)
+    assert_trees_close(upd(sam_optax.gsam(sgd, 0.0)), upd(sam_optax.sam(sgd)), rtol=0, atol=0)
+    assert_trees_close(upd(sam_optax.wsam(sgd, 0.0, learning_rate=lr)), tmap(lambda x: -lr * x, g), rtol=1e-5, atol=1e-6)

@@ -40,6 +40,9 @@ def gsam(
     rho_min=0.02, lr_max=1.6, lr_min=0.016))``. ``alpha = 0`` with
     ``rho_min = rho_max`` is SAM.
 
+    Pieces inside ``base`` see :math:`\tilde g - \alpha g_\perp`; pieces chained
+    before ``gsam`` see only :math:`g`.
+
     With m-sharpness the decomposition is made on the shard-averaged gradients
     (the official JAX code decomposes per device before its ``pmean``; the two
     agree with one shard).

@@ -52,6 +52,11 @@ def wsam(
     with plain SGD both modes coincide. (The paper's 2-D toy figure is
     reproduced by the coupled form.)
 
+    Which gradient each chained optax piece sees: pieces inside ``base`` see
+    :math:`g` (decoupled) or :math:`\hat g` (coupled); pieces chained before
+    ``wsam`` see only :math:`g`; pieces after see the final updates (sharpness
+    step included).
+
     Args:
       base: any optax optimizer.
       gamma: weight of the sharpness term, ``0 <= gamma < 1``; official default
