@@ -3,11 +3,13 @@
 Three independent axes:
 
 * :mod:`sam_optax.geometry` -- how the perturbation is made from the gradient
-  (L2 / p-norm ball of SAM, ASAM's adaptive ball, Fisher-SAM's Fisher ball);
+  (L2 / p-norm ball of SAM, ASAM's adaptive ball, Fisher-SAM's Fisher ball,
+  ESAM's stochastic weight perturbation around any of them);
 * :mod:`sam_optax.data` -- which examples share a perturbation (m-sharpness
-  shards: chunks inside a device, devices of a mesh);
+  shards: chunks inside a device, devices of a mesh) and which enter the second
+  pass (ESAM's sharpness-sensitive data selection);
 * :mod:`sam_optax.rules` -- how the clean and the perturbed gradient become an
-  update with any base optax optimizer (SAM, WSAM, GSAM).
+  update with any base optax optimizer (SAM, WSAM, GSAM, LookSAM).
 
 :func:`sharpness_aware_grad` runs the two gradient passes (geometry x data);
 the rules are ``optax.GradientTransformationExtraArgs``.
@@ -15,9 +17,12 @@ the rules are ``optax.GradientTransformationExtraArgs``.
 
 from sam_optax import data, geometry, rules
 from sam_optax.rules import (
+    LookSAMState,
     SharpnessRuleState,
     gsam,
     gsam_rho_schedule,
+    looksam,
+    looksam_full_step,
     sam,
     sharpness_rule,
     wsam,
@@ -27,12 +32,15 @@ from sam_optax.two_pass import SharpnessAwareGrads, sharpness_aware_grad
 __version__ = "0.1.0"
 
 __all__ = [
+    "LookSAMState",
     "SharpnessAwareGrads",
     "SharpnessRuleState",
     "data",
     "geometry",
     "gsam",
     "gsam_rho_schedule",
+    "looksam",
+    "looksam_full_step",
     "rules",
     "sam",
     "sharpness_aware_grad",

@@ -17,6 +17,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sam_optax import _utils
 from sam_optax.data import _shards
+from sam_optax.data._selection import DataSelection
 from sam_optax.geometry import AscentGeometry, l2
 
 AxisName = Union[str, Sequence[str], None]
@@ -113,6 +114,7 @@ def sharpness_aware_grad(
     microbatch_size: Optional[int] = None,
     ascent_steps: int = 1,
     ascent_step_size: Optional[float] = None,
+    data_selection: Optional[DataSelection] = None,
 ) -> Callable[..., SharpnessAwareGrads]:
     r"""Builds the jitted two-pass gradient function of sharpness-aware training.
 
@@ -179,12 +181,23 @@ def sharpness_aware_grad(
         ``n + 1`` gradient passes in all.
       ascent_step_size: ``a`` above, as a fraction of ``rho``, ``> 0``;
         default ``1 / ascent_steps``.
+      data_selection: e.g. ``sam_optax.data.sharpness_sensitive(gamma)`` (ESAM's
+        SDS): per shard, the second pass runs only on the ``gamma`` fraction of
+        examples whose loss rises most at ``w + eps`` (one extra forward pass).
+        ``loss_fn`` must then return per-example losses (a vector; its mean is
+        the loss). Not combinable with ``microbatch_size``.
 
     Returns:
-      ``f(params, batch, *args, ascent_state=None) -> SharpnessAwareGrads``,
-      jitted. ``ascent_state`` is ``geometry.init(params)`` on the first call and
-      ``out.ascent_state`` after; it may be left ``None`` when the geometry has no
-      state (a constant ``rho``).
+      ``f(params, batch, *args, ascent_state=None, second_pass=True) ->
+      SharpnessAwareGrads``, jitted. ``ascent_state`` is
+      ``geometry.init(params)`` on the first call and ``out.ascent_state`` after;
+      it may be left ``None`` when the geometry has no state (a constant
+      ``rho``). ``second_pass`` may be a (traced) bool: where it is false the
+      second pass is skipped at run time inside ``lax.cond`` (one gradient pass;
+      ``perturbed_grads = grads``), as LookSAM's reuse steps need
+      (:func:`sam_optax.looksam_full_step`); a literal ``True`` compiles no cond.
+      ``loss_fn`` may return a scalar or a vector of per-example losses (then
+      averaged).
 
     Example::
 
@@ -218,6 +231,13 @@ def sharpness_aware_grad(
         raise ValueError(f"chunk_mode must be 'vmap' or 'scan', got {chunk_mode!r}.")
     if ascent_steps > 1 and getattr(geometry, "norm", None) is None:
         raise ValueError("ascent_steps > 1 needs a geometry with a norm (to project onto the rho-ball).")
+    if data_selection is not None:
+        if not isinstance(data_selection, DataSelection):
+            raise ValueError(
+                f"data_selection must come from sam_optax.data.sharpness_sensitive, got {data_selection!r}."
+            )
+        if microbatch_size is not None:
+            raise ValueError("data_selection and microbatch_size cannot be combined.")
     device_axes = _shards.axis_tuple(axis_name)
     if mesh is not None:
         if not device_axes:
@@ -231,17 +251,26 @@ def sharpness_aware_grad(
             raise ValueError(f"axis_name {unknown} not in the mesh axes {mesh.axis_names}.")
     step_size = ascent_step_size if ascent_step_size is not None else 1.0 / ascent_steps
 
+    select = data_selection if data_selection is not None and data_selection.fraction < 1.0 else None
+
     def fn(params, batch, *args):
+        """``(mean loss, (aux, per-example losses or None))``."""
         out = loss_fn(params, batch, *args)
-        return out if has_aux else (out, None)
+        value, aux = out if has_aux else (out, None)
+        value = jnp.asarray(value)
+        if value.ndim == 1:
+            return jnp.mean(value), (aux, value if select is not None else None)
+        if value.ndim != 0:
+            raise ValueError(f"loss_fn must return a scalar or per-example losses [n], got shape {value.shape}.")
+        if select is not None:
+            raise ValueError("data_selection needs a loss_fn that returns per-example losses (a vector).")
+        return value, (aux, None)
 
     def vg(params, shard, args):
         return _value_and_grad(fn, params, shard, args, microbatch_size)
 
-    def ascend(params, shard, args, g, state):
-        eps, new_state = geometry.update(g, state, params)
-        if ascent_steps == 1:
-            return eps, new_state
+    def refine(params, shard, args, g, state, eps):
+        """Multi-step ascent from the first perturbation ``eps`` (projected)."""
         radius = geometry.norm(eps, g, params)
 
         def project(e, gk):
@@ -254,44 +283,60 @@ def sharpness_aware_grad(
             (_, _), gk = vg(_utils.add_perturbation(params, eps), shard, args)
             d, _ = geometry.update(gk, state, params)
             eps = project(jax.tree.map(lambda e, x: e + step_size * x, eps, d), gk)
-        return eps, new_state
+        return eps
 
-    def body(params, shard, args, state):
-        (loss, aux), g = vg(params, shard, args)
-        eps, new_state = ascend(params, shard, args, g, state)
-        (ploss, _), gp = vg(_utils.add_perturbation(params, eps), shard, args)
+    def body(params, shard, args, state, second_pass):
+        (loss, (aux, clean_losses)), g = vg(params, shard, args)
+        eps, new_state = geometry.update(g, state, params)
+
+        def perturbed(_):
+            e = refine(params, shard, args, g, state, eps) if ascent_steps > 1 else eps
+            pp = _utils.add_perturbation(params, e)
+            if select is None:
+                (ploss, _), gp = vg(pp, shard, args)
+            else:
+                pert_losses = fn(pp, shard, *args)[1][1]  # forward only
+                idx = select.select(clean_losses, pert_losses)
+                (_, _), gp = vg(pp, jax.tree.map(lambda x: x[idx], shard), args)
+                ploss = jnp.mean(pert_losses)
+            return jnp.asarray(ploss, loss.dtype), gp
+
+        if second_pass is None:
+            ploss, gp = perturbed(None)
+        else:  # LookSAM-style reuse steps skip the second pass at run time
+            ploss, gp = jax.lax.cond(second_pass, perturbed, lambda _: (loss, g), None)
         return _ShardResult(loss, aux, g, gp, ploss), new_state
 
-    def local(params, batch, args, state):
+    def local(params, batch, args, state, second_pass):
         """Runs on one device's batch; averages over its chunks and the devices."""
         params = _shards.as_device_varying(params, device_axes)
         size = _shards.batch_size(batch)
         where = "per-device batch" if device_axes else "batch"
         n = _shards.num_chunks(size, m, where=where)
         if n == 1:
-            res, new_state = body(params, batch, args, state)
+            res, new_state = body(params, batch, args, state, second_pass)
             return _shards.shard_mean(res, device_axes), new_state
         chunks = _shards.split(batch, n)
         if chunk_mode == "vmap":
             stacked, new_state = jax.vmap(
-                lambda shard: body(params, shard, args, state), out_axes=(0, None)
+                lambda shard: body(params, shard, args, state, second_pass), out_axes=(0, None)
             )(chunks)
             return _shards.shard_mean(_shards.chunk_mean(stacked), device_axes), new_state
 
         def step(carry, shard):
-            res, new_state = body(params, shard, args, state)
+            res, new_state = body(params, shard, args, state, second_pass)
             return (jax.tree.map(_accumulate, carry[0], res), new_state), None
 
         first = jax.tree.map(lambda x: x[0], chunks)
-        shapes, state_shapes = jax.eval_shape(lambda: body(params, first, args, state))
+        shapes, _ = jax.eval_shape(lambda: body(params, first, args, state, second_pass))
         zeros = _shards.zeros_varying_like(shapes, jax.tree.leaves(params)[0])
         (total, new_state), _ = jax.lax.scan(step, (zeros, state), chunks)
         res = jax.tree.map(lambda t, s: _finish(t, n, s.dtype), total, shapes)
         return _shards.shard_mean(res, device_axes), new_state
 
-    def run(params, batch, args, state):
+    def run(params, batch, args, state, second_pass):
         if mesh is None:
-            return local(params, batch, args, state)
+            return local(params, batch, args, state, second_pass)
         n_dev = int(np.prod([mesh.shape[a] for a in device_axes]))
         size = _shards.batch_size(batch)
         if size % n_dev:
@@ -308,12 +353,12 @@ def sharpness_aware_grad(
         if explicit:
             batch = jax.tree.map(lambda x: jax.sharding.reshard(x, NamedSharding(mesh, spec)), batch)
         mapped = jax.shard_map(
-            local, mesh=mesh, in_specs=(P(), spec, P(), P()), out_specs=P(), check_vma=True
+            local, mesh=mesh, in_specs=(P(), spec, P(), P(), P()), out_specs=P(), check_vma=True
         )
-        return mapped(params, batch, args, state)
+        return mapped(params, batch, args, state, second_pass)
 
     @jax.jit
-    def sa_grad(params, batch, *args, ascent_state=None):
+    def jitted(params, batch, *args, ascent_state=None, second_pass=None):
         if ascent_state is None:
             ascent_state = geometry.init(params)
             if jax.tree.leaves(ascent_state):
@@ -322,7 +367,7 @@ def sharpness_aware_grad(
                     "ascent_state=geometry.init(params) on the first call and "
                     "out.ascent_state after."
                 )
-        res, new_state = run(params, batch, args, ascent_state)
+        res, new_state = run(params, batch, args, ascent_state, second_pass)
         return SharpnessAwareGrads(
             loss=res.loss,
             aux=res.aux,
@@ -332,4 +377,11 @@ def sharpness_aware_grad(
             ascent_state=new_state,
         )
 
+    def sa_grad(params, batch, *args, ascent_state=None, second_pass=True):
+        # A literal True compiles no lax.cond; anything else (e.g. a traced bool
+        # from sam_optax.looksam_full_step(opt_state)) selects the step kind at run time.
+        flag = None if second_pass is True else jnp.asarray(second_pass, bool)
+        return jitted(params, batch, *args, ascent_state=ascent_state, second_pass=flag)
+
+    sa_grad.__doc__ = jitted.__doc__
     return sa_grad

@@ -1,4 +1,7 @@
-"""The data/sharding axis: which examples share a perturbation (m-sharpness)."""
+"""The data/sharding axis: which examples share a perturbation (m-sharpness),
+and which enter the second pass (ESAM's sharpness-sensitive data selection)."""
+
+from sam_optax.data._selection import DataSelection, sharpness_sensitive
 
 from sam_optax.data._shards import (
     as_device_varying,
@@ -11,6 +14,8 @@ from sam_optax.data._shards import (
 )
 
 __all__ = [
+    "DataSelection",
+    "sharpness_sensitive",
     "as_device_varying",
     "axis_tuple",
     "batch_size",
