@@ -100,6 +100,16 @@ def compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def bench(args: argparse.Namespace) -> int:
+    from sam_optax import benchmarking
+
+    res = benchmarking.run(batch_size=args.batch_size, rounds=args.rounds, steps_per_round=args.steps_per_round,
+                           models=tuple(args.models), out_dir=args.out)
+    print(benchmarking.format_table(res))
+    print(f"\nsaved {res['saved_to']}")
+    return 0
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -128,14 +138,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rho", type=_nonneg_float, default=0.05)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=compare)
+
+    b = sub.add_parser("bench", help="time a training step of every method (ratios to the base step)")
+    b.add_argument("--batch-size", type=_positive_int, default=128)
+    b.add_argument("--rounds", type=_positive_int, default=15)
+    b.add_argument("--steps-per-round", type=_positive_int, default=10)
+    b.add_argument("--models", nargs="+", choices=("mlp", "cnn"), default=["mlp", "cnn"])
+    b.add_argument("--out", default="benchmarks/results", help="folder for the results JSON")
+    b.set_defaults(func=bench)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.m is not None and args.batch_size % args.m:
+    if args.command == "compare" and args.m is not None and args.batch_size % args.m:
         parser.error(f"--m {args.m} must divide --batch-size {args.batch_size}")
+    if args.command == "bench" and args.batch_size % 8:
+        parser.error(f"--batch-size {args.batch_size} must be divisible by 8 (m-sharpness with m = batch / 8)")
     func: Callable[[argparse.Namespace], int] = args.func
     return func(args)
 

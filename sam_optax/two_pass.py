@@ -51,6 +51,13 @@ class SharpnessAwareGrads(NamedTuple):
     ascent_state: Any
 
 
+class _Skip(NamedTuple):
+    """Static marker (an empty pytree, so it passes through jit): no second pass."""
+
+
+_SKIP = _Skip()
+
+
 class _ShardResult(NamedTuple):
     loss: jax.Array
     aux: Any
@@ -195,7 +202,10 @@ def sharpness_aware_grad(
       ``rho``). ``second_pass`` may be a (traced) bool: where it is false the
       second pass is skipped at run time inside ``lax.cond`` (one gradient pass;
       ``perturbed_grads = grads``), as LookSAM's reuse steps need
-      (:func:`sam_optax.looksam_full_step`); a literal ``True`` compiles no cond.
+      (:func:`sam_optax.looksam_full_step`); a literal ``True`` / ``False``
+      compiles no cond (always / never the second pass; e.g. two jitted steps
+      chosen on the host, for XLA:CPU, where convolutions inside a ``lax.cond``
+      run on a slow path: jax-ml/jax#12868).
       ``loss_fn`` may return a scalar or a vector of per-example losses (then
       averaged).
 
@@ -303,6 +313,8 @@ def sharpness_aware_grad(
 
         if second_pass is None:
             ploss, gp = perturbed(None)
+        elif isinstance(second_pass, _Skip):
+            ploss, gp = loss, g
         else:  # LookSAM-style reuse steps skip the second pass at run time
             ploss, gp = jax.lax.cond(second_pass, perturbed, lambda _: (loss, g), None)
         return _ShardResult(loss, aux, g, gp, ploss), new_state
@@ -378,9 +390,13 @@ def sharpness_aware_grad(
         )
 
     def sa_grad(params, batch, *args, ascent_state=None, second_pass=True):
-        # A literal True compiles no lax.cond; anything else (e.g. a traced bool
-        # from sam_optax.looksam_full_step(opt_state)) selects the step kind at run time.
-        flag = None if second_pass is True else jnp.asarray(second_pass, bool)
+        # A literal True / False compiles no lax.cond (the second pass is always /
+        # never run); anything else (e.g. a traced bool from
+        # sam_optax.looksam_full_step(opt_state)) selects the step kind at run time.
+        if isinstance(second_pass, bool):
+            flag = None if second_pass else _SKIP
+        else:
+            flag = jnp.asarray(second_pass, bool)
         return jitted(params, batch, *args, ascent_state=ascent_state, second_pass=flag)
 
     sa_grad.__doc__ = jitted.__doc__

@@ -245,3 +245,19 @@ def test_second_pass_false_returns_clean_gradient():
     out = f(P0, BATCH, second_pass=jnp.asarray(False))
     assert_trees_close(out.perturbed_grads, out.grads, rtol=1e-6, atol=1e-8)
     np.testing.assert_allclose(out.perturbed_loss, out.loss, rtol=1e-7)
+
+
+def test_literal_false_compiles_no_second_pass():
+    calls = []
+
+    def counted_loss(params, batch):
+        jax.debug.callback(lambda: calls.append(1))
+        return loss_fn(params, batch)
+
+    f = sam_optax.sharpness_aware_grad(counted_loss, geometry.l2(RHO))
+    out = f(P0, BATCH, second_pass=False)
+    jax.effects_barrier()
+    assert len(calls) == 1
+    assert_trees_close(out.perturbed_grads, out.grads, rtol=0, atol=0)
+    text = jax.jit(lambda p, b: f(p, b, second_pass=False).grads).lower(P0, BATCH).as_text()
+    assert "cond" not in text and "case" not in text

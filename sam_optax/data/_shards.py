@@ -125,11 +125,19 @@ def shard_mean(tree: Any, axis_names: Sequence[str]) -> Any:
 
 def chunk_mean(stacked: Any) -> Any:
     """Mean over the leading (chunk) axis, in at least float32 for floating leaves
-    (returned in their dtype); other leaves take the max."""
+    (returned in their dtype); other leaves take the max.
+
+    The mean is a contraction with a vector of ``1/C`` at the highest matmul
+    precision: XLA:CPU runs a reduction over a short leading axis of a wide array
+    (``[C, N].mean(0)``) up to 100x slower than this.
+    """
 
     def leaf(x):
         if jnp.issubdtype(x.dtype, jnp.inexact):
-            return jnp.mean(x.astype(jnp.promote_types(x.dtype, jnp.float32)), axis=0).astype(x.dtype)
+            wide = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+            weights = jnp.full((x.shape[0],), 1.0 / x.shape[0], wide.dtype)
+            mean = jnp.tensordot(weights, wide, axes=1, precision=jax.lax.Precision.HIGHEST)
+            return mean.astype(x.dtype)
         return jnp.max(x, axis=0)
 
     return jax.tree.map(leaf, stacked)

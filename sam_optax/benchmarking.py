@@ -1,0 +1,313 @@
+"""Step-cost benchmark: time of a training step of each method, as ratios in one run.
+
+Run it with ``sam-optax bench`` or ``python benchmarks/step_cost.py``. For each
+model (a small MLP and a small CNN, Flax Linen) and a fixed batch, every
+method's jitted training step (two-pass helper + rule + ``optax.apply_updates``,
+params and optimizer state donated) is compiled, warmed up, and then timed in
+interleaved rounds, so that all methods see the same machine state; the
+median over rounds is reported. Ratios are to the base optimizer's step and to
+``optax.contrib.sam`` per SAM update. Peak memory comes from XLA's compiled
+memory analysis of each step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import sam_optax
+from sam_optax import geometry
+
+TARGETS = {
+    "sam": ("<=", 2.03, "base"),
+    "wsam": ("<=", 1.03, "sam"),
+    "gsam": ("<=", 1.03, "sam"),
+    "asam": ("<=", 1.03, "sam"),
+    "esam": ("<=", 1.45, "base"),
+    "looksam": ("<=", 1.25, "base"),
+    "looksam_host": ("<=", 1.25, "base"),
+    "sam_chunks": ("<=", 1.10, "sam"),
+    "sam_vs_contrib": ("<=", 0.95, "contrib_opaque"),
+    "sam_extra_memory": ("<=", 1.2, "param_bytes"),
+}
+
+
+class Method(NamedTuple):
+    name: str
+    step: Callable  # (params, opt_state, batch) -> (params, opt_state, loss); jitted unless `jitted` given
+    init: Callable  # params -> opt_state
+    steps_per_call: int = 1  # updates per timed call (LookSAM: a whole period)
+    updates_per_sam: float = 1.0  # calls that make one SAM update (contrib transparent: 2)
+    jitted: Optional[Callable] = None  # the jitted step to compile (when `step` is a host loop)
+
+
+def _models(batch_size: int, seed: int):
+    import flax.linen as nn
+
+    class MLP(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.relu(nn.Dense(256)(x))
+            x = nn.relu(nn.Dense(256)(x))
+            return nn.Dense(10)(x)
+
+    class CNN(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.relu(nn.Conv(32, (5,))(x))
+            x = nn.relu(nn.Conv(32, (5,), strides=(2,))(x))
+            x = nn.relu(nn.Conv(64, (3,), strides=(2,))(x))
+            return nn.Dense(10)(x.reshape((x.shape[0], -1)))
+
+    rng = np.random.default_rng(seed)
+    y = jnp.asarray(rng.integers(0, 10, batch_size), jnp.int32)
+    x_mlp = jnp.asarray(rng.normal(size=(batch_size, 40)), jnp.float32)
+    x_cnn = jnp.asarray(rng.normal(size=(batch_size, 40, 1)), jnp.float32)
+    return {
+        "mlp": (MLP(), {"x": x_mlp, "y": y}),
+        "cnn": (CNN(), {"x": x_cnn, "y": y}),
+    }
+
+
+def _methods(model, lr: float, rho: float, batch_size: int) -> list[Method]:
+    def per_example(params, batch):
+        logits = model.apply({"params": params}, batch["x"])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"])
+
+    def loss(params, batch):
+        return jnp.mean(per_example(params, batch))
+
+    base = optax.sgd(lr, momentum=0.9)
+    methods = []
+
+    def plain(params, opt_state, batch):
+        value, grads = jax.value_and_grad(loss)(params, batch)
+        updates, opt_state = base.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, value
+
+    methods.append(Method("base", jax.jit(plain, donate_argnums=(0, 1)), base.init))
+
+    def sharpness_step(tx, sa_grad, looksam_flag=False):
+        # the "optimizer state" of a sharpness-aware step: (rule state, geometry state)
+        def step(params, state, batch):
+            opt_state, ascent_state = state
+            flag = sam_optax.looksam_full_step(opt_state) if looksam_flag else True
+            out = sa_grad(params, batch, ascent_state=ascent_state, second_pass=flag)
+            updates, opt_state = tx.update(out.grads, opt_state, params, perturbed_grads=out.perturbed_grads)
+            return optax.apply_updates(params, updates), (opt_state, out.ascent_state), out.loss
+
+        return step
+
+    def add(name, tx, geo, lossf=loss, **kwargs):
+        sa = sam_optax.sharpness_aware_grad(lossf, geo, **kwargs)
+        methods.append(Method(name, jax.jit(sharpness_step(tx, sa), donate_argnums=(0, 1)),
+                              lambda p: (tx.init(p), geo.init(p))))
+
+    add("sam", sam_optax.sam(base), geometry.l2(rho))
+    add("wsam", sam_optax.wsam(base, 0.9, learning_rate=lr), geometry.l2(rho))
+    add("gsam", sam_optax.gsam(base, 0.3), geometry.l2(rho))
+    add("asam", sam_optax.sam(base), geometry.adaptive(10 * rho))
+    add("esam", sam_optax.sam(base), geometry.stochastic(geometry.l2(rho), 0.5), lossf=per_example,
+        data_selection=sam_optax.data.sharpness_sensitive(0.5))
+    add("sam_chunks", sam_optax.sam(base), geometry.l2(rho), m=batch_size // 8)
+
+    # LookSAM k=5: time a whole period (1 full step + 4 reuse steps) per call, two ways:
+    # the kind of step chosen inside jit by lax.cond, or two jitted steps chosen on the host.
+    k = 5
+    look = sam_optax.looksam(base, k=k, alpha=0.7)
+    look_geo = geometry.l2(rho)
+    look_init = lambda p: (look.init(p), look_geo.init(p))  # noqa: E731
+    sa = sam_optax.sharpness_aware_grad(loss, look_geo)
+    cond_step = jax.jit(sharpness_step(look, sa, looksam_flag=True), donate_argnums=(0, 1))
+
+    def period(one_step):
+        def run_period(params, opt_state, batch):
+            for _ in range(k):
+                params, opt_state, value = one_step(params, opt_state, batch)
+            return params, opt_state, value
+
+        return run_period
+
+    methods.append(Method("looksam", period(cond_step), look_init, steps_per_call=k, jitted=cond_step))
+
+    def host_step_fn(full):
+        def step(params, state, batch):
+            opt_state, ascent_state = state
+            out = sa(params, batch, ascent_state=ascent_state, second_pass=full)
+            updates, opt_state = look.update(out.grads, opt_state, params, perturbed_grads=out.perturbed_grads)
+            return optax.apply_updates(params, updates), (opt_state, out.ascent_state), out.loss
+
+        return jax.jit(step, donate_argnums=(0, 1))
+
+    full_step, reuse_step = host_step_fn(True), host_step_fn(False)
+
+    def host_period(params, opt_state, batch):
+        params, opt_state, value = full_step(params, opt_state, batch)
+        for _ in range(k - 1):
+            params, opt_state, value = reuse_step(params, opt_state, batch)
+        return params, opt_state, value
+
+    methods.append(Method("looksam_host", host_period, look_init, steps_per_call=k, jitted=full_step))
+
+    adv = optax.chain(optax.contrib.normalize(), optax.sgd(rho))
+    opaque = optax.contrib.sam(base, adv, sync_period=2, opaque_mode=True)
+
+    def contrib_opaque(params, opt_state, batch):
+        value, grads = jax.value_and_grad(loss)(params, batch)
+        updates, opt_state = opaque.update(grads, opt_state, params, grad_fn=lambda p, _: jax.grad(loss)(p, batch))
+        return optax.apply_updates(params, updates), opt_state, value
+
+    methods.append(Method("contrib_opaque", jax.jit(contrib_opaque, donate_argnums=(0, 1)), opaque.init))
+    transparent = optax.contrib.sam(base, adv, sync_period=2, opaque_mode=False)
+
+    def contrib_transparent(params, opt_state, batch):
+        value, grads = jax.value_and_grad(loss)(params, batch)
+        updates, opt_state = transparent.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, value
+
+    # its state caches the params themselves: copy them, or donation would donate a buffer twice
+    methods.append(Method("contrib_transparent", jax.jit(contrib_transparent, donate_argnums=(0, 1)),
+                          lambda p: jax.tree.map(jnp.copy, transparent.init(p)), updates_per_sam=0.5))
+    return methods
+
+
+def _memory(compiled) -> dict:
+    ma = compiled.memory_analysis()
+    if ma is None:  # pragma: no cover - backend without memory analysis
+        return {}
+    out = {
+        "argument_bytes": int(ma.argument_size_in_bytes),
+        "output_bytes": int(ma.output_size_in_bytes),
+        "alias_bytes": int(ma.alias_size_in_bytes),
+        "temp_bytes": int(ma.temp_size_in_bytes),
+    }
+    # Live memory of one step: inputs + XLA's temporary buffers + outputs that do
+    # not reuse (donated) input buffers.
+    out["peak_bytes"] = out["argument_bytes"] + out["output_bytes"] - out["alias_bytes"] + out["temp_bytes"]
+    return out
+
+
+def run(
+    *,
+    batch_size: int = 128,
+    rounds: int = 15,
+    steps_per_round: int = 10,
+    seed: int = 0,
+    models: tuple[str, ...] = ("mlp", "cnn"),
+    out_dir: Optional[str] = None,
+    progress: bool = True,
+) -> dict:
+    """Runs the benchmark and returns (and optionally saves) the results dict."""
+    lr, rho = 0.05, 0.05
+    results: dict[str, Any] = {
+        "machine": {
+            "backend": jax.default_backend(),
+            "device": str(jax.devices()[0].device_kind),
+            "devices": jax.device_count(),
+            "cpu_count": os.cpu_count(),
+            "platform": platform.platform(),
+            "jax": jax.__version__,
+            "optax": optax.__version__,
+            "sam_optax": sam_optax.__version__,
+        },
+        "settings": {"batch_size": batch_size, "rounds": rounds, "steps_per_round": steps_per_round, "seed": seed},
+        "models": {},
+    }
+    all_models = _models(batch_size, seed)
+    for model_name in models:
+        model, batch = all_models[model_name]
+        params0 = model.init(jax.random.PRNGKey(seed), batch["x"][:1])["params"]
+        param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params0))
+        methods = _methods(model, lr, rho, batch_size)
+        state = {}
+        info = {}
+        for mth in methods:
+            params = jax.tree.map(jnp.copy, params0)
+            opt_state = mth.init(params)
+            t0 = time.perf_counter()
+            compiled = (mth.jitted or mth.step).lower(params, opt_state, batch).compile()
+            compile_s = time.perf_counter() - t0
+            for _ in range(3):  # warm-up (the first calls also run the jit cache path)
+                params, opt_state, value = mth.step(params, opt_state, batch)
+            jax.block_until_ready(value)
+            state[mth.name] = (params, opt_state)
+            info[mth.name] = {"compile_s": compile_s, "memory": _memory(compiled), "times": []}
+            if progress:
+                print(f"[{model_name}] compiled {mth.name:<20} {compile_s:6.2f} s", flush=True)
+        for r in range(rounds):
+            for mth in methods:
+                params, opt_state = state[mth.name]
+                t0 = time.perf_counter()
+                for _ in range(steps_per_round):
+                    params, opt_state, value = mth.step(params, opt_state, batch)
+                jax.block_until_ready((params, value))
+                dt = (time.perf_counter() - t0) / (steps_per_round * mth.steps_per_call)
+                info[mth.name]["times"].append(dt / mth.updates_per_sam if mth.name.startswith("contrib") else dt)
+                state[mth.name] = (params, opt_state)
+            if progress:
+                print(f"[{model_name}] round {r + 1}/{rounds}", flush=True)
+        base_t = statistics.median(info["base"]["times"])
+        contrib_t = statistics.median(info["contrib_opaque"]["times"])
+        base_peak = info["base"]["memory"].get("peak_bytes")
+        table = {}
+        for mth in methods:
+            t = statistics.median(info[mth.name]["times"])
+            peak = info[mth.name]["memory"].get("peak_bytes")
+            table[mth.name] = {
+                "median_step_ms": 1e3 * t,
+                "ratio_to_base": t / base_t,
+                "ratio_to_contrib_opaque": t / contrib_t,
+                "compile_s": info[mth.name]["compile_s"],
+                "peak_bytes": peak,
+                "extra_peak_over_base_in_param_bytes": None if peak is None or base_peak is None
+                else (peak - base_peak) / param_bytes,
+            }
+        sam_t = table["sam"]["median_step_ms"]
+        checks = {}
+        for key, (op, limit, ref) in TARGETS.items():
+            if key == "sam_vs_contrib":
+                value = table["sam"]["ratio_to_contrib_opaque"]
+            elif key == "sam_extra_memory":
+                value = table["sam"]["extra_peak_over_base_in_param_bytes"]
+            elif ref == "sam":
+                value = table[key]["median_step_ms"] / sam_t
+            else:
+                value = table[key]["ratio_to_base"]
+            checks[key] = {"value": value, "target": f"{op} {limit} x {ref}", "met": bool(value <= limit)}
+        results["models"][model_name] = {"param_bytes": param_bytes, "methods": table, "targets": checks}
+    if out_dir is not None:
+        os.makedirs(out_dir, exist_ok=True)
+        name = f"step_cost_{results['machine']['backend']}.json"
+        with open(os.path.join(out_dir, name), "w") as f:
+            json.dump(results, f, indent=2)
+        results["saved_to"] = os.path.join(out_dir, name)
+    return results
+
+
+def format_table(results: dict) -> str:
+    lines = [f"machine: {results['machine']['backend']} ({results['machine']['device']}), "
+             f"jax {results['machine']['jax']}, batch {results['settings']['batch_size']}"]
+    for model_name, res in results["models"].items():
+        lines.append("")
+        lines.append(f"{model_name}: {res['param_bytes'] / 1e3:.0f} kB of params")
+        lines.append(f"{'method':<20} {'ms/step':>9} {'x base':>8} {'x contrib':>10} {'compile s':>10} "
+                     f"{'peak kB':>9} {'extra/params':>13}")
+        for name, row in res["methods"].items():
+            extra = row["extra_peak_over_base_in_param_bytes"]
+            lines.append(
+                f"{name:<20} {row['median_step_ms']:>9.3f} {row['ratio_to_base']:>8.3f} "
+                f"{row['ratio_to_contrib_opaque']:>10.3f} {row['compile_s']:>10.2f} "
+                f"{(row['peak_bytes'] or 0) / 1e3:>9.0f} {'' if extra is None else f'{extra:.2f}':>13}")
+        lines.append(f"{'target':<20} {'value':>9} {'':>8} {'goal':<24} met")
+        for key, chk in res["targets"].items():
+            lines.append(f"{key:<20} {chk['value']:>9.3f} {'':>8} {chk['target']:<24} {'yes' if chk['met'] else 'NO'}")
+    return "\n".join(lines)
