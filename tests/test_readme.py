@@ -26,3 +26,16 @@ def test_quickstart_commands_match_ci():
     test_cmd = re.search(r'pip install -e "\.\[test\]" && (python -m pytest[^\n`]*)', text).group(1)
     ci = (README.parent / ".ci" / "run").read_text()
     assert test_cmd in ci
+
+
+def test_readme_looksam_example_runs():
+    blocks = python_blocks()
+    ns = {}
+    exec(compile(blocks[0], "README-example", "exec"), ns)
+    block = next(b for b in blocks if "looksam" in b)
+    exec(compile(block, "README-looksam", "exec"), ns)
+    params, opt_state = ns["params"], ns["tx"].init(ns["params"])
+    for _ in range(6):
+        params, opt_state, loss = ns["train_step"](params, opt_state, ns["batch"])
+    assert float(loss) < 1.0
+    assert ns["train_step"]._cache_size() == 1
