@@ -3,6 +3,7 @@ weighted by the entropy of each layer's weights."""
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Hashable, NamedTuple, Optional, Union
 
 import jax
@@ -176,9 +177,17 @@ def graft(
     groups: dict = {}
     for i, lab in enumerate(labels):
         groups.setdefault(lab, []).append(i)
+    out = _graft_groups(leaves, a, c, tuple(tuple(g) for g in groups.values()), num_bins,
+                        round_decimals, exclusive_max)
+    return jax.tree.unflatten(treedef, out)
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4, 5, 6))
+def _graft_groups(leaves, a, c, groups, num_bins, round_decimals, exclusive_max):
+    k = leaves[0].shape[0]
     entropy = jax.vmap(lambda v: weight_entropy(v, num_bins, exclusive_max=exclusive_max))
     out = list(leaves)
-    for idx in groups.values():
+    for idx in groups:
         values = jnp.concatenate([jnp.reshape(_utils.to_compute(leaves[i]), (k, -1)) for i in idx], axis=1)
         h = entropy(values)  # (K,)
         alpha = grafting_coefficient(h, jnp.roll(h, 1), a, c, round_decimals=round_decimals)
@@ -186,7 +195,7 @@ def graft(
             w = _utils.to_compute(leaves[i])
             al = jnp.reshape(alpha, (k,) + (1,) * (w.ndim - 1)).astype(w.dtype)
             out[i] = (al * w + (1 - al) * jnp.roll(w, 1, axis=0)).astype(leaves[i].dtype)
-    return jax.tree.unflatten(treedef, out)
+    return out
 
 
 def grafting_learning_rates(learning_rate: float, num_networks: int) -> np.ndarray:
