@@ -219,9 +219,8 @@ def test_nested_wrappers_accessors_and_checkpoint_resume(tmp_path):
     restored = ckpt.restore(tmp_path / "ckpt", jax.tree.map(ocp.utils.to_shape_dtype_struct, target))
     assert type(restored["opt_state"]) is type(s)
     p, s = restored["params"], restored["opt_state"]
-    step2 = make_step(tx2)
     for b in BATCHES[3:]:
-        p, s = step2(p, s, b)
+        p, s = step(p, s, b)
     resumed = (p, averaging.ema_params(s), averaging.swa_params(s), averaging.lookahead_slow_params(s))
     assert_trees_close(resumed, uninterrupted, rtol=0, atol=0)
 
