@@ -26,3 +26,13 @@ def test_quickstart_commands_match_ci():
     test_cmd = re.search(r'pip install -e "\.\[test\]" && (python -m pytest[^\n`]*)', text).group(1)
     ci = (README.parent / ".ci" / "run").read_text()
     assert test_cmd in ci
+
+
+def test_readme_decay_and_averaging_example_runs():
+    block = next(b for b in python_blocks() if "averaging.swa(" in b)
+    ns = {}
+    exec(compile(block, "README-averaging", "exec"), ns)
+    state = ns["opt_state"]
+    assert int(state.n_averaged) == 5  # snapshots after steps 40, 45, 50, 55, 60
+    assert float(ns["loss_fn"](ns["swa_weights"], ns["batch"])) < 0.7
+    assert ns["slow_weights"]["w"].shape == (4, 3)

@@ -114,6 +114,18 @@ def lookahead(
     Returns:
       The corresponding :class:`optax.GradientTransformationExtraArgs`.
 
+    Examples:
+      >>> import jax.numpy as jnp, optax
+      >>> from sam_optax import averaging
+      >>> tx = averaging.lookahead(optax.sgd(1.0), sync_period=2, slow_step_size=0.5)
+      >>> w = jnp.zeros(2)
+      >>> state = tx.init(w)
+      >>> for _ in range(4):  # fast: -1, -2 -> sync: slow -1, fast -1; then -2, -3 -> slow -2
+      ...     u, state = tx.update(jnp.ones(2), state, w)
+      ...     w = optax.apply_updates(w, u)
+      >>> print(w, averaging.lookahead_slow_params(state))
+      [-2. -2.] [-2. -2.]
+
     References:
       Zhang et al, `Lookahead Optimizer: k steps forward, 1 step back
       <https://arxiv.org/abs/1907.08610>`_, 2019

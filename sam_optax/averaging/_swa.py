@@ -78,6 +78,18 @@ def swa(
     Returns:
       The corresponding :class:`optax.GradientTransformationExtraArgs`.
 
+    Examples:
+      >>> import jax.numpy as jnp, optax
+      >>> from sam_optax import averaging
+      >>> tx = averaging.swa(optax.sgd(1.0), start_step=1, period=2)
+      >>> w = jnp.zeros(2)
+      >>> state = tx.init(w)
+      >>> for _ in range(5):  # w = -1, -2, ..., -5; snapshots after steps 1, 3, 5
+      ...     u, state = tx.update(jnp.ones(2), state, w)
+      ...     w = optax.apply_updates(w, u)
+      >>> print(averaging.swa_params(state), int(state.n_averaged))
+      [-3. -3.] 3
+
     References:
       Izmailov et al, `Averaging Weights Leads to Wider Optima and Better
       Generalization <https://arxiv.org/abs/1803.05407>`_, 2018

@@ -235,6 +235,15 @@ def adamw(
     Returns:
       The corresponding :class:`optax.GradientTransformationExtraArgs`.
 
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from sam_optax import decay
+      >>> tx = decay.adamw(0.1, weight_decay=0.5)
+      >>> w = jnp.array([2.0])
+      >>> u, _ = tx.update(jnp.zeros(1), tx.init(w), w)  # zero gradient: only the decay
+      >>> print(u)  # -eta * lam * w, not optax.adamw's -alpha * lam * w
+      [-1.]
+
     References:
       Loshchilov et al, `Decoupled Weight Decay Regularization
       <https://arxiv.org/abs/1711.05101>`_, 2019
