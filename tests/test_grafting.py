@@ -116,7 +116,8 @@ def test_filter_grafting_trains_k_sam_networks_and_grafts_every_n_steps():
     @jax.jit
     def step(params, state, batch):
         out = sa_grad(params, batch)
-        u, state = tx.update(out.grads, state, params, perturbed_grads=out.perturbed_grads)
+        u, state = tx.update(out.grads, state, params, perturbed_grads=out.perturbed_grads,
+                             unused_scalar=1.0)  # not per network: broadcast, ignored by the rule
         return optax.apply_updates(params, u), state
 
     for t in range(steps):

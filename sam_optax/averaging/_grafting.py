@@ -244,9 +244,11 @@ def filter_grafting(
 ) -> optax.GradientTransformationExtraArgs:
     r"""Trains K networks stacked on a leading axis and ring-grafts them every ``every`` steps.
 
-    ``params``, gradients and every array extra argument (e.g. ``perturbed_grads``
-    from a vmapped :func:`sam_optax.sharpness_aware_grad`) carry a leading axis of
-    size K. Each network has its own copy of the inner optimizer's state
+    ``params`` and gradients carry a leading axis of size K, and so do the extra
+    arguments meant per network (e.g. ``perturbed_grads`` from a vmapped
+    :func:`sam_optax.sharpness_aware_grad`): an extra argument whose leaves are all
+    arrays with leading axis K is split over the networks, any other (a callable,
+    a scalar) is passed to every network as it is. Each network has its own copy of the inner optimizer's state
     (``jax.vmap(inner.init)``) and is updated by ``jax.vmap(inner.update)``; after
     every ``every``-th step the new weights of all networks are replaced by
     :func:`graft` of them (optimizer states are not touched, as in the official
@@ -285,8 +287,16 @@ def filter_grafting(
     def update_fn(updates, state, params=None, **extra_args):
         if params is None:
             raise ValueError(_common.NO_PARAMS.format(name="filter_grafting"))
-        mapped = {k: v for k, v in extra_args.items() if not callable(v)}
-        static = {k: v for k, v in extra_args.items() if callable(v)}
+        k = jax.tree.leaves(params)[0].shape[0]
+
+        def stacked(value):  # every leaf an array with the networks' leading axis
+            leaves = jax.tree.leaves(value)
+            return bool(leaves) and all(
+                isinstance(x, (jax.Array, np.ndarray)) and x.ndim >= 1 and x.shape[0] == k for x in leaves
+            )
+
+        mapped = {name: v for name, v in extra_args.items() if stacked(v)}
+        static = {name: v for name, v in extra_args.items() if not stacked(v)}
 
         def one(u, s, p, kw):
             return inner.update(u, s, p, **kw, **static)

@@ -100,12 +100,9 @@ def decoupled_weight_decay(
         lam = _utils.value_at(weight_decay, state.count)
         coef = (eta * lam).astype(jnp.float32)
         new = jax.tree.map(
-            lambda u, p: None
-            if u is None
-            else (_utils.to_compute(u) - coef * _utils.to_compute(p)).astype(jnp.asarray(u).dtype),
+            lambda u, p: (_utils.to_compute(u) - coef * _utils.to_compute(p)).astype(jnp.asarray(u).dtype),
             updates,
             params,
-            is_leaf=lambda x: x is None,
         )
         return new, DecoupledWeightDecayState(count=optax.safe_increment(state.count))
 
