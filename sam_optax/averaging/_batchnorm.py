@@ -93,9 +93,9 @@ def recompute_batch_stats(
     spread of the batch means). Statistics of deeper layers are those of the
     network as it runs in train mode (each layer normalized by batch statistics).
 
-    The per-batch statistics are read exactly: the pass starts from zero
-    statistics, so a layer returns ``(1 - momentum) * batch_stat``, divided here by
-    ``(1 - momentum)`` (the momenta are read from the modules with
+    The per-batch statistics are recovered to float rounding: the pass starts from
+    zero statistics, so a layer returns ``(1 - momentum) * batch_stat``, divided here
+    by ``(1 - momentum)`` (the momenta are read from the modules with
     ``flax.linen.intercept_methods``). Each BatchNorm module must run once per
     forward pass and have ``momentum < 1``.
 
