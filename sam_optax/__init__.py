@@ -13,9 +13,29 @@ Three independent axes:
 
 :func:`sharpness_aware_grad` runs the two gradient passes (geometry x data);
 the rules are ``optax.GradientTransformationExtraArgs``.
+
+Around them: :mod:`sam_optax.decay` (decoupled weight decay as in the AdamW
+paper: ``adamw``, ``sgdw``, ``decoupled_weight_decay``) and
+:mod:`sam_optax.averaging` (SWA, EMA of weights, Lookahead, SWAP, filter
+grafting, BatchNorm recompute), which wrap any rule.
 """
 
-from sam_optax import data, geometry, rules
+from sam_optax import averaging, data, decay, geometry, rules
+from sam_optax.averaging import (
+    average_replicas,
+    ema_params,
+    filter_grafting,
+    graft,
+    lookahead,
+    lookahead_slow_params,
+    recompute_batch_stats,
+    recompute_batch_stats_nnx,
+    replicate,
+    swa,
+    swa_params,
+    weight_ema,
+)
+from sam_optax.decay import adamw, decoupled_weight_decay, sgdw
 from sam_optax.rules import (
     LookSAMState,
     SharpnessRuleState,
@@ -35,15 +55,32 @@ __all__ = [
     "LookSAMState",
     "SharpnessAwareGrads",
     "SharpnessRuleState",
+    "adamw",
+    "average_replicas",
+    "averaging",
     "data",
+    "decay",
+    "decoupled_weight_decay",
+    "ema_params",
+    "filter_grafting",
     "geometry",
+    "graft",
     "gsam",
     "gsam_rho_schedule",
     "looksam",
     "looksam_full_step",
+    "lookahead",
+    "lookahead_slow_params",
+    "recompute_batch_stats",
+    "recompute_batch_stats_nnx",
+    "replicate",
     "rules",
     "sam",
+    "sgdw",
     "sharpness_aware_grad",
     "sharpness_rule",
+    "swa",
+    "swa_params",
+    "weight_ema",
     "wsam",
 ]

@@ -39,3 +39,13 @@ def test_readme_looksam_example_runs():
         params, opt_state, loss = ns["train_step"](params, opt_state, ns["batch"])
     assert float(loss) < 1.0
     assert ns["train_step"]._cache_size() == 1
+
+
+def test_readme_decay_and_averaging_example_runs():
+    block = next(b for b in python_blocks() if "averaging.swa(" in b)
+    ns = {}
+    exec(compile(block, "README-averaging", "exec"), ns)
+    state = ns["opt_state"]
+    assert int(state.n_averaged) == 5  # snapshots after steps 40, 45, 50, 55, 60
+    assert float(ns["loss_fn"](ns["swa_weights"], ns["batch"])) < 0.7
+    assert ns["slow_weights"]["w"].shape == (4, 3)

@@ -1,0 +1,118 @@
+"""Exponential moving average of the weights (not of the updates, as optax.ema)."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from sam_optax import _utils
+from sam_optax.averaging import _common
+
+
+class WeightEMAState(NamedTuple):
+    """State of :func:`weight_ema`.
+
+    Attributes:
+      count: number of updates so far.
+      ema: the (bias-corrected, if ``debias``) moving average of the weights.
+      inner_state: the inner optimizer's state.
+    """
+
+    count: jax.Array  # shape=(), dtype=jnp.int32.
+    ema: Any
+    inner_state: Any
+
+
+def weight_ema(
+    inner: optax.GradientTransformation,
+    decay: float = 0.999,
+    *,
+    debias: bool = False,
+    accumulator_dtype: Optional[Any] = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Keeps an exponential moving average of the weights along the inner optimizer's trajectory.
+
+    The inner optimizer runs unchanged. With :math:`w_t` the weights after step
+    :math:`t` (what the caller holds once it applies this step's updates) and
+    :math:`d` the decay:
+
+    * ``debias=False`` (the usual "EMA of weights", e.g. timm's ``ModelEmaV2``):
+      :math:`e_0 = w_0` (a copy of the initial weights) and
+      :math:`e_t = d\,e_{t-1} + (1 - d)\,w_t`;
+    * ``debias=True``: the bias-corrected average of :math:`w_1 .. w_t` only,
+
+      .. math::
+
+        \hat e_t = \frac{\sum_{s=1}^t d^{t-s}(1-d)\,w_s}{1 - d^t},
+
+      i.e. ``optax.ema(decay, debias=True)`` applied to the sequence of weights.
+      It is kept directly (no division at read time) by the recursion
+      :math:`\hat e_t = \hat e_{t-1} + \frac{1-d}{1-d^t}(w_t - \hat e_{t-1})`, so
+      :math:`\hat e_1 = w_1`: early in training the average is not pulled to the
+      initialization.
+
+    ``optax.ema`` averages the *updates* it receives (gradients, if placed first);
+    this is the parameter form. Read it with :func:`ema_params`. It wraps any
+    optimizer, including the SAM-family rules (extra arguments such as
+    ``perturbed_grads`` are forwarded), and must be the last transformation.
+
+    Args:
+      inner: the optimizer whose trajectory is averaged.
+      decay: :math:`d \in [0, 1)`.
+      debias: bias correction (see above).
+      accumulator_dtype: dtype of the average (default: the params'). The
+        arithmetic is float32.
+
+    Returns:
+      The corresponding :class:`optax.GradientTransformationExtraArgs`.
+
+    References:
+      Polyak et al, `Acceleration of Stochastic Approximation by Averaging
+      <https://doi.org/10.1137/0330046>`_, 1992;
+      Kingma et al, `Adam: A Method for Stochastic Optimization
+      <https://arxiv.org/abs/1412.6980>`_, 2015 (the bias correction)
+    """
+    _utils.check_range("decay", decay, low=0.0, high=1.0, high_inclusive=False)
+    if not isinstance(debias, bool):
+        raise ValueError(f"debias must be a bool, got {debias!r}.")
+    inner = optax.with_extra_args_support(inner)
+
+    def init_fn(params):
+        return WeightEMAState(
+            count=jnp.zeros([], jnp.int32),
+            ema=_common.copy_tree(params, accumulator_dtype),
+            inner_state=inner.init(params),
+        )
+
+    def update_fn(updates, state, params=None, **extra_args):
+        if params is None:
+            raise ValueError(_common.NO_PARAMS.format(name="weight_ema"))
+        updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
+        count = optax.safe_increment(state.count)
+        d = jnp.asarray(decay, jnp.float32)
+        if debias:
+            weight = (1.0 - d) / (1.0 - d ** count.astype(jnp.float32))
+        else:
+            weight = 1.0 - d
+        ema = _common.interpolate(state.ema, optax.apply_updates(params, updates), weight, jnp.asarray(True))
+        return updates, WeightEMAState(count, ema, inner_state)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def ema_params(opt_state: Any) -> Any:
+    """The averaged weights held in an optimizer state built with :func:`weight_ema`.
+
+    Works on the state of ``weight_ema(...)`` or of any chain / wrapper containing
+    exactly one of it.
+
+    Args:
+      opt_state: the optimizer state.
+
+    Returns:
+      The moving average of the weights.
+    """
+    return _common.find_state(opt_state, WeightEMAState, "sam_optax.averaging.weight_ema").ema
