@@ -47,6 +47,7 @@ from sam_optax.rules import (
     sharpness_rule,
     wsam,
 )
+from sam_optax.train import SharpnessAwareState, plain_step, sharpness_aware_step
 from sam_optax.two_pass import SharpnessAwareGrads, sharpness_aware_grad
 
 __version__ = "0.1.0"
@@ -54,6 +55,7 @@ __version__ = "0.1.0"
 __all__ = [
     "LookSAMState",
     "SharpnessAwareGrads",
+    "SharpnessAwareState",
     "SharpnessRuleState",
     "adamw",
     "average_replicas",
@@ -77,7 +79,9 @@ __all__ = [
     "rules",
     "sam",
     "sgdw",
+    "plain_step",
     "sharpness_aware_grad",
+    "sharpness_aware_step",
     "sharpness_rule",
     "swa",
     "swa_params",

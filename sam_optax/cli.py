@@ -1,103 +1,139 @@
-"""The ``sam-optax`` command."""
+"""The ``sam-optax`` command: ``compare``, ``toy`` and ``bench``."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 import time
-from typing import Callable, Sequence
-
-METHODS = ("sgd", "sam", "wsam", "gsam", "asam", "fisher")
+from typing import Sequence
 
 
-def _digits(seed: int):
-    import numpy as np
-    from sklearn.datasets import load_digits
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
+    return value
 
-    x, y = load_digits(return_X_y=True)
-    x = (x / 16.0).astype(np.float32)
-    perm = np.random.default_rng(seed).permutation(len(x))
-    x, y = x[perm], y[perm].astype(np.int32)
-    return (x[:1400], y[:1400]), (x[1400:], y[1400:])
+
+def _nonneg_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
+    return value
 
 
-def _method(name: str, lr: float, rho: float):
-    import optax
+def _fraction(text: str) -> float:
+    value = _nonneg_float(text)
+    if value >= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
 
-    import sam_optax
-    from sam_optax import geometry
 
-    base = optax.sgd(lr, momentum=0.9)
-    return {
-        "sgd": (base, None),
-        "sam": (sam_optax.sam(base), geometry.l2(rho)),
-        "wsam": (sam_optax.wsam(base, 0.9, learning_rate=lr), geometry.l2(rho)),
-        "gsam": (sam_optax.gsam(base, 0.3), geometry.l2(rho)),
-        "asam": (sam_optax.sam(base), geometry.adaptive(10 * rho)),
-        "fisher": (sam_optax.sam(base), geometry.fisher(2 * rho, 1.0)),
-    }[name]
+# --------------------------------------------------------------------------------------------
+# compare
+# --------------------------------------------------------------------------------------------
+
+
+def _plot_compare(results: list, path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for r in results:
+        epochs, accs = zip(*r["curve"])
+        ax1.plot(epochs, accs, label=r["method"])
+    ax1.set_xlabel("epoch")
+    ax1.set_ylabel("test accuracy (clean labels)")
+    ax1.set_title("test accuracy during training")
+    ax1.legend(fontsize=8)
+    names = [r["method"] for r in results]
+    accs = [r["test_accuracy"] for r in results]
+    bars = ax2.bar(names, accs, color="tab:blue")
+    lo = min(accs)
+    ax2.set_ylim(max(0.0, lo - 0.05), min(1.0, max(accs) + 0.03))
+    for b, a in zip(bars, accs):
+        ax2.text(b.get_x() + b.get_width() / 2, a, f"{a:.3f}", ha="center", va="bottom", fontsize=8)
+    ax2.set_title("final test accuracy")
+    ax2.tick_params(axis="x", rotation=30)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def compare(args: argparse.Namespace) -> int:
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-    import optax
+    from sam_optax import experiments
+    from sam_optax.experiments.methods import Hyper
 
-    import sam_optax
-
-    (xtr, ytr), (xte, yte) = _digits(args.seed)
-
-    def logits(p, x):
-        return jnp.tanh(x @ p["w1"] + p["b1"]) @ p["w2"] + p["b2"]
-
-    def loss(p, batch):
-        return optax.softmax_cross_entropy_with_integer_labels(logits(p, batch["x"]), batch["y"]).mean()
-
-    print(f"sklearn digits: {len(xtr)} train / {len(xte)} test, MLP 64-64-10, "
-          f"{args.epochs} epochs, batch {args.batch_size}, m={args.m or args.batch_size}")
-    print(f"{'method':<8} {'test acc':>9} {'train loss':>11} {'steps/s':>9}")
-    for name in args.methods:
-        tx, geo = _method(name, args.lr, args.rho)
-        k1, k2 = jax.random.split(jax.random.PRNGKey(args.seed))
-        params = {"w1": jax.random.normal(k1, (64, 64)) * 0.125, "b1": jnp.zeros(64),
-                  "w2": jax.random.normal(k2, (64, 10)) * 0.125, "b2": jnp.zeros(10)}
-        opt_state = tx.init(params)
-
-        if geo is None:  # the base optimizer: one gradient pass
-
-            @jax.jit
-            def step(params, opt_state, batch):
-                value, grads = jax.value_and_grad(loss)(params, batch)
-                u, opt_state = tx.update(grads, opt_state, params)
-                return optax.apply_updates(params, u), opt_state, value
-
-        else:
-            f = sam_optax.sharpness_aware_grad(loss, geo, m=args.m)
-
-            @jax.jit
-            def step(params, opt_state, batch):
-                out = f(params, batch)
-                u, opt_state = tx.update(out.grads, opt_state, params, perturbed_grads=out.perturbed_grads)
-                return optax.apply_updates(params, u), opt_state, out.loss
-
-        rng = np.random.default_rng(args.seed)
-        n_steps, t0 = 0, None
-        for _ in range(args.epochs):
-            perm = rng.permutation(len(xtr))
-            for i in range(0, len(xtr) - args.batch_size + 1, args.batch_size):
-                idx = perm[i:i + args.batch_size]
-                params, opt_state, _ = step(params, opt_state, {"x": xtr[idx], "y": ytr[idx]})
-                n_steps += 1
-                if t0 is None:
-                    jax.block_until_ready(params)
-                    t0 = time.perf_counter()
-        jax.block_until_ready(params)
-        rate = (n_steps - 1) / max(time.perf_counter() - t0, 1e-9)
-        acc = float(jnp.mean(jnp.argmax(logits(params, xte), -1) == yte))
-        train_loss = float(loss(params, {"x": xtr, "y": ytr}))
-        print(f"{name:<8} {acc:>9.4f} {train_loss:>11.4f} {rate:>9.1f}")
+    t0 = time.perf_counter()
+    data = experiments.load(args.dataset, seed=args.seed, label_noise=args.label_noise)
+    hyper = Hyper(lr=args.lr, rho=args.rho, m=args.m)
+    os.makedirs(args.out, exist_ok=True)
+    print(f"{args.dataset}: {len(data.x_train)} train / {len(data.x_test)} test examples, "
+          f"label noise {args.label_noise:.0%}; model {args.model}, {args.epochs} epochs, batch {args.batch_size}"
+          f"{'' if args.m is None else f', m={args.m}'}; methods: {', '.join(args.methods)}", flush=True)
+    results = []
+    for i, name in enumerate(args.methods):
+        res = experiments.train_method(name, data, model=args.model, epochs=args.epochs, batch_size=args.batch_size,
+                                       hyper=hyper, seed=args.seed, hessian=not args.no_hessian,
+                                       progress=not args.no_progress)
+        results.append(res.to_dict())
+    header = f"{'method':<13} {'test acc':>9} {'train loss':>11} {'lambda_max':>11} {'sharpness':>10} {'steps/s':>9}"
+    lines = [header, "-" * len(header)]
+    for r in results:
+        lam = "-" if r["lambda_max"] is None else f"{r['lambda_max']:.3f}"
+        sh = "-" if r["sharpness"] is None else f"{r['sharpness']:.4f}"
+        lines.append(f"{r['method']:<13} {r['test_accuracy']:>9.4f} {r['train_loss']:>11.4f} {lam:>11} {sh:>10} "
+                     f"{r['steps_per_second']:>9.1f}")
+    print("\n".join(lines))
+    payload = {
+        "dataset": args.dataset, "model": args.model, "epochs": args.epochs, "batch_size": args.batch_size,
+        "label_noise": args.label_noise, "seed": args.seed, "lr": args.lr, "rho": args.rho, "m": args.m,
+        "results": results, "seconds": time.perf_counter() - t0,
+    }
+    json_path = os.path.join(args.out, "results.json")
+    with open(json_path, "w") as f:
+        json.dump(payload, f, indent=2)
+    png_path = os.path.join(args.out, "accuracy.png")
+    _plot_compare(results, png_path, f"{args.dataset}, {args.model}, label noise {args.label_noise:.0%}, "
+                                     f"seed {args.seed}")
+    print(f"saved {json_path} and {png_path} ({time.perf_counter() - t0:.0f} s)")
     return 0
+
+
+# --------------------------------------------------------------------------------------------
+# toy
+# --------------------------------------------------------------------------------------------
+
+
+def toy(args: argparse.Namespace) -> int:
+    from sam_optax.experiments import toy as toy_mod
+
+    trajectories = toy_mod.run(steps=args.steps, lr=args.lr, rho=args.rho)
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "wsam_toy.png")
+    toy_mod.plot(trajectories, path)
+    print(f"{'run':<28} {'mu':>9} {'sigma':>9}  minimum")
+    for t in trajectories:
+        mu, sigma = t.points[-1]
+        print(f"{t.label:<28} {mu:>9.3f} {sigma:>9.3f}  {toy_mod.nearest_minimum(t.points[-1])}")
+    print(f"sharp minimum {toy_mod.SHARP_MIN}, flat minimum {toy_mod.FLAT_MIN}; saved {path}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# bench
+# --------------------------------------------------------------------------------------------
 
 
 def bench(args: argparse.Namespace) -> int:
@@ -110,41 +146,51 @@ def bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
-    return value
-
-
-def _nonneg_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
+    from sam_optax.experiments.methods import DEFAULT_METHODS, METHODS
+
     parser = argparse.ArgumentParser(
-        prog="sam-optax", description="Sharpness-aware training with sam_optax."
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("compare", help="train one model with several methods and compare them")
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    p.add_argument("--epochs", type=_positive_int, default=10)
+        prog="sam-optax", description="Sharpness-aware training with sam_optax: compare methods, the WSAM toy, "
+                                      "and the step-cost benchmark.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{compare,toy,bench}")
+    p = sub.add_parser("compare", help="train one model with several methods on a locally generated dataset",
+                       description="Train the same model with several methods on a dataset generated locally "
+                                   "(MNIST-1D by default, or sklearn's digits) and compare test accuracy, final "
+                                   "train loss, Hessian lambda_max and steps/s. Saves results.json and accuracy.png.")
+    p.add_argument("--dataset", choices=("mnist1d", "digits"), default="mnist1d")
+    p.add_argument("--model", choices=("mlp", "cnn"), default="mlp")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(DEFAULT_METHODS), metavar="METHOD",
+                   help=f"from: {', '.join(METHODS)} (default: {' '.join(DEFAULT_METHODS)})")
+    p.add_argument("--epochs", type=_positive_int, default=30)
     p.add_argument("--batch-size", type=_positive_int, default=128)
-    p.add_argument("--m", type=_positive_int, default=None, help="m-sharpness shard size")
-    p.add_argument("--lr", type=_nonneg_float, default=0.2)
-    p.add_argument("--rho", type=_nonneg_float, default=0.05)
+    p.add_argument("--m", type=_positive_int, default=None, help="m-sharpness shard size (default: the batch)")
+    p.add_argument("--lr", type=_nonneg_float, default=0.05, help="peak learning rate of SGD (cosine schedule)")
+    p.add_argument("--rho", type=_nonneg_float, default=0.05, help="SAM radius (ASAM uses 10x, Fisher 2x)")
+    p.add_argument("--label-noise", type=_fraction, default=0.0, help="symmetric label noise rate in [0, 1)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=os.path.join("sam_optax_runs", "compare"), help="output folder")
+    p.add_argument("--no-hessian", action="store_true", help="skip the Hessian lambda_max")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=compare)
 
-    b = sub.add_parser("bench", help="time a training step of every method (ratios to the base step)")
+    t = sub.add_parser("toy", help="the WSAM paper's 2-D toy (Fig. 2): trajectories on the contour plot",
+                       description="SAM and WSAM (gamma 0.6 and 0.95, coupled and decoupled) on the 2-D toy loss "
+                                   "of the WSAM paper; saves wsam_toy.png and prints the end points.")
+    t.add_argument("--steps", type=_positive_int, default=150)
+    t.add_argument("--lr", type=_nonneg_float, default=5.0)
+    t.add_argument("--rho", type=_nonneg_float, default=2.0)
+    t.add_argument("--out", default=os.path.join("sam_optax_runs", "toy"), help="output folder")
+    t.set_defaults(func=toy)
+
+    b = sub.add_parser("bench", help="time a training step of every method (ratios to the base step)",
+                       description="The step-cost benchmark: median step time of every method on a small MLP and "
+                                   "CNN, as ratios to the base optimizer and to optax.contrib.sam; compile times "
+                                   "and peak memory. Saves a JSON under --out.")
     b.add_argument("--batch-size", type=_positive_int, default=128)
     b.add_argument("--rounds", type=_positive_int, default=15)
     b.add_argument("--steps-per-round", type=_positive_int, default=10)
     b.add_argument("--models", nargs="+", choices=("mlp", "cnn"), default=["mlp", "cnn"])
-    b.add_argument("--out", default="benchmarks/results", help="folder for the results JSON")
+    b.add_argument("--out", default=os.path.join("benchmarks", "results"), help="folder for the results JSON")
     b.set_defaults(func=bench)
     return parser
 
@@ -152,12 +198,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "compare" and args.m is not None and args.batch_size % args.m:
-        parser.error(f"--m {args.m} must divide --batch-size {args.batch_size}")
+    if args.command == "compare":
+        if args.m is not None and args.batch_size % args.m:
+            parser.error(f"--m {args.m} must divide --batch-size {args.batch_size}")
     if args.command == "bench" and args.batch_size % 8:
         parser.error(f"--batch-size {args.batch_size} must be divisible by 8 (m-sharpness with m = batch / 8)")
-    func: Callable[[argparse.Namespace], int] = args.func
-    return func(args)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:  # pragma: no cover - interactive
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError) as e:
+        print(f"sam-optax {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,79 @@
+"""A whole sharpness-aware training step: two-pass helper + rule + apply_updates."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import optax
+
+from sam_optax.geometry import AscentGeometry, l2
+from sam_optax.two_pass import SharpnessAwareGrads, sharpness_aware_grad
+
+
+class SharpnessAwareState(NamedTuple):
+    """Everything a sharpness-aware step carries besides the params.
+
+    Attributes:
+      opt_state: the rule's (optimizer's) state.
+      ascent_state: the geometry's state (rho schedule count, SWP key, ...).
+    """
+
+    opt_state: Any
+    ascent_state: Any
+
+
+def sharpness_aware_step(
+    loss_fn: Callable[..., Any],
+    tx: optax.GradientTransformation,
+    geometry: Optional[AscentGeometry] = None,
+    **sa_kwargs: Any,
+) -> tuple[Callable[[Any], SharpnessAwareState], Callable[..., tuple[Any, SharpnessAwareState, SharpnessAwareGrads]]]:
+    """The training step of ``tx`` (a sam_optax rule, possibly wrapped) as ``(init, step)``.
+
+    ``step(params, state, batch, *args) -> (params, state, out)`` runs
+    :func:`sharpness_aware_grad` (``sa_kwargs`` go to it: ``m``, ``mesh``,
+    ``data_selection``, ...), ``tx.update(out.grads, ..., perturbed_grads=...)``
+    and ``optax.apply_updates``; ``out`` is the :class:`SharpnessAwareGrads`
+    (loss, clean-pass aux, ...). If the optimizer state holds a LookSAM state,
+    the second pass is skipped on its reuse steps. ``step`` is not jitted, so it
+    can be wrapped in ``jax.jit`` with donation, or called inside a larger step.
+
+    Example::
+
+      >>> import jax, jax.numpy as jnp, optax, sam_optax
+      >>> loss_fn = lambda w, b: jnp.mean((b @ w - 1.0) ** 2)
+      >>> init, step = sam_optax.sharpness_aware_step(
+      ...     loss_fn, sam_optax.sam(optax.sgd(0.1)), sam_optax.geometry.l2(0.05))
+      >>> w = jnp.zeros(3); state = init(w)
+      >>> w, state, out = jax.jit(step)(w, state, jnp.ones((4, 3)))
+    """
+    geometry = l2(0.05) if geometry is None else geometry
+    sa_grad = sharpness_aware_grad(loss_fn, geometry, **sa_kwargs)
+
+    def init(params):
+        return SharpnessAwareState(opt_state=tx.init(params), ascent_state=geometry.init(params))
+
+    def step(params, state, batch, *args):
+        full = optax.tree.get(state.opt_state, "looksam_full_step", None)
+        out = sa_grad(params, batch, *args, ascent_state=state.ascent_state,
+                      second_pass=True if full is None else full)
+        updates, opt_state = tx.update(out.grads, state.opt_state, params, perturbed_grads=out.perturbed_grads)
+        return optax.apply_updates(params, updates), SharpnessAwareState(opt_state, out.ascent_state), out
+
+    return init, step
+
+
+def plain_step(
+    loss_fn: Callable[..., Any], tx: optax.GradientTransformation, *, has_aux: bool = False
+) -> tuple[Callable[[Any], Any], Callable[..., tuple[Any, Any, Any]]]:
+    """The same ``(init, step)`` shape for a plain (one-pass) optax optimizer;
+    ``step`` returns ``(params, opt_state, (loss, aux))``."""
+
+    def step(params, opt_state, batch, *args):
+        value, grads = jax.value_and_grad(loss_fn, has_aux=has_aux)(params, batch, *args)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        loss, aux = value if has_aux else (value, None)
+        return optax.apply_updates(params, updates), opt_state, (loss, aux)
+
+    return tx.init, step
