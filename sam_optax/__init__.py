@@ -11,9 +11,13 @@ Three independent axes:
 
 :func:`sharpness_aware_grad` runs the two gradient passes (geometry x data);
 the rules are ``optax.GradientTransformationExtraArgs``.
+
+:mod:`sam_optax.metrics` measures sharpness (Hessian spectrum and trace,
+m-sharpness value); :mod:`sam_optax.flax` trains Flax Linen and NNX models
+(BatchNorm, dropout) with any rule.
 """
 
-from sam_optax import data, geometry, rules
+from sam_optax import data, geometry, metrics, rules
 from sam_optax.rules import (
     SharpnessRuleState,
     gsam,
@@ -31,6 +35,7 @@ __all__ = [
     "SharpnessRuleState",
     "data",
     "geometry",
+    "metrics",
     "gsam",
     "gsam_rho_schedule",
     "rules",
