@@ -30,10 +30,21 @@ from sam_optax.two_pass import SharpnessAwareGrads, sharpness_aware_grad
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name):
+    # sam_optax.flax is imported on first use (it imports flax.linen and flax.nnx).
+    if name == "flax":
+        import importlib
+
+        return importlib.import_module("sam_optax.flax")
+    raise AttributeError(f"module 'sam_optax' has no attribute {name!r}")
+
+
 __all__ = [
     "SharpnessAwareGrads",
     "SharpnessRuleState",
     "data",
+    "flax",
     "geometry",
     "metrics",
     "gsam",
