@@ -55,8 +55,11 @@ def linen_loss(apply, batch):
     return ce(apply(batch["x"], train=True), batch["y"])
 
 
+_NETS = {}
+
+
 def linen_state(tx, geo, dropout=0.5, seed=0):
-    model = Net(dropout)
+    model = _NETS.setdefault(dropout, Net(dropout))  # one model: one static apply_fn
     variables = model.init(jax.random.PRNGKey(seed), jnp.zeros((1, 5)), train=False)
     return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx, geometry=geo,
                              batch_stats=variables["batch_stats"])
@@ -157,6 +160,7 @@ def test_linen_orbax_resume_is_bit_identical(tmp_path):
     first_loss = float(step(make(0), data[0], rngs[0])[1]["loss"])
     full, metrics = run_linen(make(0), step, data, rngs)
     assert float(metrics["loss"]) < first_loss  # it trains
+    assert step._cache_size() == 1  # one compilation for all the steps
 
     half, _ = run_linen(make(0), step, data[:3], rngs[:3])
     ckpt = ocp.StandardCheckpointer()

@@ -137,12 +137,12 @@ class TraceEstimate(NamedTuple):
       trace: the mean of :math:`z^\\top H z` over the probes.
       stderr: its standard error (sample standard deviation over
         :math:`\\sqrt{N}`).
-      num_probes: :math:`N`.
+      num_probes: :math:`N` (an int32 array).
     """
 
     trace: jax.Array
     stderr: jax.Array
-    num_probes: int
+    num_probes: jax.Array
 
 
 class EigenvalueRatio(NamedTuple):
@@ -360,6 +360,17 @@ def power_iteration(
     Returns:
       A :class:`PowerIterationResult` (eigenvalue, eigenvector, iterations,
       converged, residual).
+
+    Example::
+
+      >>> import jax, jax.numpy as jnp
+      >>> from sam_optax import metrics
+      >>> def loss_fn(w, batch):  # Hessian: mean(batch) * diag(4, 1, 1)
+      ...   return 0.5 * jnp.mean(batch) * (4.0 * w["a"] ** 2 + jnp.sum(w["b"] ** 2))
+      >>> w = {"a": jnp.array(1.0), "b": jnp.ones(2)}
+      >>> res = metrics.power_iteration(loss_fn, w, jnp.ones(8), key=jax.random.PRNGKey(0), tol=1e-6)
+      >>> print(f"{res.eigenvalue:.4f}", bool(res.converged))
+      4.0000 True
 
     References:
       Yao et al, `PyHessian: Neural Networks Through the Lens of the Hessian
@@ -748,4 +759,4 @@ def hutchinson_trace(
     if num_probes < 2:
         raise ValueError(f"num_probes must be an integer >= 2, got {num_probes}.")
     trace, stderr = _trace_jit(loss_fn, params, batch, key, num_probes, has_aux, _axis_key(axis_name))
-    return TraceEstimate(trace=trace, stderr=stderr, num_probes=num_probes)
+    return TraceEstimate(trace=trace, stderr=stderr, num_probes=jnp.asarray(num_probes, jnp.int32))
