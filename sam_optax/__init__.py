@@ -17,10 +17,14 @@ the rules are ``optax.GradientTransformationExtraArgs``.
 Around them: :mod:`sam_optax.decay` (decoupled weight decay as in the AdamW
 paper: ``adamw``, ``sgdw``, ``decoupled_weight_decay``) and
 :mod:`sam_optax.averaging` (SWA, EMA of weights, Lookahead, SWAP, filter
-grafting, BatchNorm recompute), which wrap any rule.
+grafting, BatchNorm recompute), which wrap any rule. :mod:`sam_optax.metrics`
+measures sharpness (Hessian spectrum and trace, m-sharpness value);
+:mod:`sam_optax.flax` trains Flax Linen and NNX models (BatchNorm, dropout)
+with any rule; :mod:`sam_optax.experiments` holds the small reproducible
+experiments behind the ``sam-optax`` command.
 """
 
-from sam_optax import averaging, data, decay, geometry, rules
+from sam_optax import averaging, data, decay, geometry, metrics, rules
 from sam_optax.averaging import (
     average_replicas,
     ema_params,
@@ -52,6 +56,15 @@ from sam_optax.two_pass import SharpnessAwareGrads, sharpness_aware_grad
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name):
+    # sam_optax.flax (flax.linen, flax.nnx) and sam_optax.experiments are imported on first use.
+    if name in ("flax", "experiments"):
+        import importlib
+
+        return importlib.import_module(f"sam_optax.{name}")
+    raise AttributeError(f"module 'sam_optax' has no attribute {name!r}")
+
 __all__ = [
     "LookSAMState",
     "SharpnessAwareGrads",
@@ -64,9 +77,12 @@ __all__ = [
     "decay",
     "decoupled_weight_decay",
     "ema_params",
+    "experiments",
     "filter_grafting",
+    "flax",
     "geometry",
     "graft",
+    "metrics",
     "gsam",
     "gsam_rho_schedule",
     "looksam",

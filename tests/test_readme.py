@@ -28,6 +28,14 @@ def test_quickstart_commands_match_ci():
     assert test_cmd in ci
 
 
+def section_blocks(heading):
+    """The python blocks of one ``## heading`` section of the README."""
+    text = README.read_text()
+    start = text.index(f"\n## {heading}\n")
+    end = text.find("\n## ", start + 1)
+    return re.findall(r"```python\n(.*?)```", text[start:end if end >= 0 else None], flags=re.S)
+
+
 def test_readme_looksam_example_runs():
     blocks = python_blocks()
     ns = {}
@@ -49,3 +57,34 @@ def test_readme_decay_and_averaging_example_runs():
     assert int(state.n_averaged) == 5  # snapshots after steps 40, 45, 50, 55, 60
     assert float(ns["loss_fn"](ns["swa_weights"], ns["batch"])) < 0.7
     assert ns["slow_weights"]["w"].shape == (4, 3)
+
+
+def test_readme_metrics_and_flax_examples_run():
+    import jax
+    import numpy as np
+    from jax.flatten_util import ravel_pytree
+
+    ns = {}
+    (metrics_block,) = section_blocks("Sharpness metrics")
+    exec(compile(metrics_block, "README-metrics", "exec"), ns)
+    # the example's loss is least squares: its Hessian is 2/N [x 1]^T [x 1]
+    x = np.asarray(ns["x"], np.float64)
+    xa = np.concatenate([np.ones((64, 1)), x], axis=1)  # ravel order: b, w
+    eig = np.linalg.eigvalsh(2 * xa.T @ xa / 64)
+    np.testing.assert_allclose(ns["top"].eigenvalue, eig[-1], rtol=1e-4)
+    np.testing.assert_allclose(ns["lambda_max"], eig[-1], rtol=1e-4)
+    np.testing.assert_allclose(ns["ratio"].ratio, eig[-1] / eig[-3], rtol=1e-4)
+    assert abs(float(ns["trace"].trace) - eig.sum()) < 4 * float(ns["trace"].stderr) + 1e-4
+    assert float(ns["sharpness_5"].sharpness) >= float(ns["sharpness"].sharpness) > 0
+
+    linen, nnx_block, ckpt_block = section_blocks("Flax (Linen and NNX)")
+    exec(compile(linen, "README-linen", "exec"), ns)
+    assert int(ns["state"].step) == 20 and float(ns["logs"]["loss"]) < 1.0
+    exec(compile(nnx_block, "README-nnx", "exec"), ns)
+    assert int(ns["optimizer"].step[...]) == 20 and float(ns["nnx_logs"]["loss"]) < 1.0
+    before = jax.tree.leaves(ns["nnx"].state((ns["net"], ns["optimizer"])))
+    exec(compile(ckpt_block, "README-checkpoint", "exec"), ns)
+    for a, b in zip(jax.tree.leaves(ns["restored"]), jax.tree.leaves(ns["state"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    after = jax.tree.leaves(ns["nnx"].state((ns["net"], ns["optimizer"])))
+    assert len(before) == len(after)

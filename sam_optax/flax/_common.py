@@ -1,0 +1,48 @@
+"""Shared by the Linen and NNX helpers: per-shard random keys, a cache of the
+two-pass functions."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from sam_optax.data import _shards
+
+
+def example_index(batch: Any, axis_name: Any, mesh: Any) -> jax.Array:
+    """Index of every example of the (local) batch in the global batch, ``int32 [B]``.
+
+    It travels with the batch as an extra leaf, so that every m-sharpness shard
+    (chunk, device, micro-batch) sees the index of its first example and derives
+    its own random key from it. Under ``axis_name`` (inside the user's
+    ``shard_map`` / ``pmap``) the local indices are offset by the device's
+    position; with ``mesh`` the batch is still global here.
+    """
+    size = _shards.batch_size(batch)
+    index = jnp.arange(size, dtype=jnp.int32)
+    axes = _shards.axis_tuple(axis_name)
+    if axes and mesh is None:
+        index = index + size * jax.lax.axis_index(axes).astype(jnp.int32)
+    return index
+
+
+def shard_key(key: jax.Array, index: jax.Array) -> jax.Array:
+    """The key of a shard: ``fold_in(key, index of its first example)``."""
+    return jax.random.fold_in(key, index[0])
+
+
+def cached(builder: Callable[..., Any]) -> Callable[..., Any]:
+    """Memoizes ``builder(*hashable_args)`` so that the jitted two-pass function
+    (and hence its compilation) is made once per geometry / graph."""
+    cache: dict = {}
+
+    def get(*args):
+        if args not in cache:
+            if len(cache) >= 16:  # bounded: geometries made afresh in a loop
+                cache.pop(next(iter(cache)))
+            cache[args] = builder(*args)
+        return cache[args]
+
+    return get

@@ -1,0 +1,216 @@
+"""Flax Linen: a TrainState and a train step for sharpness-aware training."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+from flax.training import train_state
+
+from sam_optax.flax import _common
+from sam_optax.geometry import AscentGeometry
+from sam_optax.two_pass import AxisName, sharpness_aware_grad
+
+
+class TrainState(train_state.TrainState):
+    """A ``flax.training.train_state.TrainState`` for sharpness-aware rules.
+
+    Adds the BatchNorm statistics, the ascent geometry (static) and its state,
+    and an ``apply_gradients`` that forwards ``perturbed_grads`` to the rule
+    (Flax's own ``apply_gradients`` calls ``tx.update`` without extra
+    arguments). Every field is a pytree of arrays (or a static field), so the
+    state checkpoints with orbax: restore with
+    ``jax.tree.map(ocp.utils.to_shape_dtype_struct, fresh_state)`` as the target.
+
+    Attributes:
+      step: number of updates applied (an int32 array).
+      apply_fn: usually ``model.apply``.
+      params: the parameters.
+      tx: the rule (e.g. ``sam_optax.sam(optax.sgd(0.1))``).
+      opt_state: its state.
+      batch_stats: the model's ``batch_stats`` collection (``None`` without
+        BatchNorm).
+      ascent_state: the geometry's state (e.g. the count of a ``rho`` schedule).
+      geometry: the :class:`~sam_optax.geometry.AscentGeometry` (static).
+    """
+
+    batch_stats: Any = None
+    ascent_state: Any = None
+    geometry: Optional[AscentGeometry] = struct.field(pytree_node=False, default=None)
+
+    @classmethod
+    def create(cls, *, apply_fn, params, tx, geometry: AscentGeometry, batch_stats=None, **kwargs):
+        """A new state at step 0 with ``tx.init(params)`` and ``geometry.init(params)``.
+
+        Args:
+          apply_fn: usually ``model.apply``.
+          params: ``variables["params"]``.
+          tx: the rule, a ``GradientTransformationExtraArgs`` taking
+            ``perturbed_grads`` (``sam``, ``wsam``, ``gsam``, ...).
+          geometry: the ascent geometry (e.g. ``sam_optax.geometry.l2(0.05)``).
+          batch_stats: ``variables["batch_stats"]`` (or ``None``).
+          **kwargs: further fields of a subclass.
+        """
+        if geometry is None or not callable(getattr(geometry, "init", None)):
+            raise ValueError(f"geometry must be an AscentGeometry (init/update), got {geometry!r}.")
+        return cls(
+            step=jnp.zeros((), jnp.int32),
+            apply_fn=apply_fn,
+            params=params,
+            tx=tx,
+            opt_state=tx.init(params),
+            batch_stats=batch_stats,
+            ascent_state=geometry.init(params),
+            geometry=geometry,
+            **kwargs,
+        )
+
+    def apply_gradients(self, *, grads, perturbed_grads, tx_extra_args=None, **kwargs):
+        """One update of the rule: ``tx.update(grads, opt_state, params, perturbed_grads=...)``.
+
+        Args:
+          grads: the clean gradient ``out.grads`` of
+            :func:`sam_optax.sharpness_aware_grad`.
+          perturbed_grads: ``out.perturbed_grads``.
+          tx_extra_args: further keyword arguments for ``tx.update``.
+          **kwargs: fields to ``replace`` (e.g. ``batch_stats``, ``ascent_state``).
+
+        Returns:
+          The state with ``step + 1`` and the new ``params`` and ``opt_state``.
+        """
+        updates, opt_state = self.tx.update(
+            grads, self.opt_state, self.params, perturbed_grads=perturbed_grads, **(tx_extra_args or {})
+        )
+        return self.replace(
+            step=self.step + 1, params=optax.apply_updates(self.params, updates), opt_state=opt_state, **kwargs
+        )
+
+
+def linen_train_step(
+    loss_fn: Callable[..., Any],
+    *,
+    has_aux: bool = False,
+    rng_collections: Sequence[str] = ("dropout",),
+    m: Optional[int] = None,
+    axis_name: AxisName = None,
+    mesh: Optional[jax.sharding.Mesh] = None,
+    chunk_mode: str = "vmap",
+    microbatch_size: Optional[int] = None,
+    ascent_steps: int = 1,
+    ascent_step_size: Optional[float] = None,
+    jit: bool = True,
+    donate: bool = False,
+) -> Callable[..., Any]:
+    r"""Builds ``step(state, batch, rng=None) -> (state, metrics)`` for a Linen model.
+
+    One step is :func:`sam_optax.sharpness_aware_grad` (with the geometry of
+    ``state``) followed by :meth:`TrainState.apply_gradients`:
+
+    .. math::
+
+      g = \nabla L(w), \quad \epsilon = \mathrm{geometry}(g), \quad
+      \tilde g = \nabla L(w + \epsilon), \quad
+      (w, s) \leftarrow \mathrm{rule}(g, \tilde g, w, s)
+
+    ``loss_fn(apply, batch)`` computes the loss of a batch; ``apply(*args,
+    **kwargs)`` calls ``state.apply_fn`` with the current (clean or perturbed)
+    params, the state's ``batch_stats`` as a mutable collection and the shard's
+    random keys, e.g.::
+
+      def loss_fn(apply, batch):
+          logits = apply(batch["image"], train=True)
+          return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+
+    **BatchNorm.** The new ``batch_stats`` come from the clean pass only (the
+    perturbed pass's updates are discarded), so the running statistics advance
+    once per step. With m-sharpness shards (``m``, devices) each shard
+    normalizes with its own batch statistics ("ghost" BatchNorm, as in the
+    SAM paper's m-sharpness experiments) and the stored running statistics are
+    the mean over shards of the per-shard updates.
+
+    **Dropout.** Both passes of a shard use the *same* random key, hence the same
+    dropout mask: the perturbation is the ascent direction of the very loss
+    (mask included) whose gradient is then taken at :math:`w + \epsilon`, as in
+    the original SAM code. Different shards use different keys: the key of a
+    shard is ``jax.random.fold_in(rng, i)``, ``i`` the index of its first
+    example in the global batch, and collection number ``c`` of
+    ``rng_collections`` gets ``jax.random.fold_in(that, c)``.
+
+    Args:
+      loss_fn: ``loss_fn(apply, batch) -> loss`` (or ``(loss, metrics)`` with
+        ``has_aux``; the metrics of the clean pass, averaged over shards, are
+        returned). Do not pass ``rngs`` or ``mutable`` to ``apply``.
+      has_aux: whether ``loss_fn`` returns ``(loss, metrics)``.
+      rng_collections: the Linen rng collections made from ``rng``.
+      m: m-sharpness shard size (see :func:`sam_optax.sharpness_aware_grad`).
+      axis_name: device mesh axis name(s), when the step runs inside your own
+        ``jax.shard_map`` / ``jax.pmap``.
+      mesh: run the two passes under ``jax.shard_map`` over this mesh.
+      chunk_mode: ``'vmap'`` or ``'scan'``.
+      microbatch_size: accumulate each shard's passes over micro-batches.
+      ascent_steps: number of ascent steps.
+      ascent_step_size: ascent step as a fraction of ``rho``.
+      jit: return the step ``jax.jit``-ed.
+      donate: with ``jit``, donate the input state's buffers.
+
+    Returns:
+      ``step(state, batch, rng=None) -> (state, metrics)`` where ``metrics`` has
+      ``loss``, ``perturbed_loss``, ``sharpness`` (their difference) and the
+      ``loss_fn`` metrics.
+    """
+    collections = tuple(rng_collections)
+    sa_kwargs = dict(
+        has_aux=True, m=m, axis_name=axis_name, mesh=mesh, chunk_mode=chunk_mode,
+        microbatch_size=microbatch_size, ascent_steps=ascent_steps, ascent_step_size=ascent_step_size,
+    )
+
+    def build(apply_fn, geometry):
+        def closure(params, batch_and_index, batch_stats, rng):
+            batch, index = batch_and_index
+            variables = {"params": params}
+            if batch_stats is not None:
+                variables["batch_stats"] = batch_stats
+            rngs = None
+            if rng is not None:
+                key = _common.shard_key(rng, index)
+                rngs = {c: jax.random.fold_in(key, i) for i, c in enumerate(collections)}
+            mutable = ["batch_stats"] if batch_stats is not None else False
+            new_stats = [batch_stats]
+
+            def apply(*args, **kwargs):
+                current = dict(variables, batch_stats=new_stats[0]) if mutable else variables
+                if not mutable:
+                    return apply_fn(current, *args, rngs=rngs, **kwargs)
+                out, updates = apply_fn(current, *args, rngs=rngs, mutable=mutable, **kwargs)
+                new_stats[0] = updates["batch_stats"]
+                return out
+
+            out = loss_fn(apply, batch)
+            loss, metrics = out if has_aux else (out, {})
+            return loss, (new_stats[0], metrics)
+
+        return sharpness_aware_grad(closure, geometry, **sa_kwargs)
+
+    get_sa_grad = _common.cached(build)
+
+    def step(state: TrainState, batch: Any, rng: Optional[jax.Array] = None):
+        if state.geometry is None:
+            raise ValueError("state.geometry is None: make the state with TrainState.create(..., geometry=...).")
+        sa_grad = get_sa_grad(state.apply_fn, state.geometry)
+        index = _common.example_index(batch, axis_name, mesh)
+        out = sa_grad(state.params, (batch, index), state.batch_stats, rng, ascent_state=state.ascent_state)
+        new_stats, metrics = out.aux
+        state = state.apply_gradients(
+            grads=out.grads, perturbed_grads=out.perturbed_grads, batch_stats=new_stats,
+            ascent_state=out.ascent_state,
+        )
+        metrics = dict(metrics, loss=out.loss, perturbed_loss=out.perturbed_loss,
+                       sharpness=out.perturbed_loss - out.loss)
+        return state, metrics
+
+    if jit:
+        return jax.jit(step, donate_argnums=(0,) if donate else ())
+    return step

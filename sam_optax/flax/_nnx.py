@@ -1,0 +1,203 @@
+"""Flax NNX: the two passes for an ``nnx.Module``, an optimizer holding the
+ascent state, and a train step."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import jax
+from flax import nnx
+from flax.nnx.training.optimizer import to_opt_state
+
+from sam_optax.flax import _common
+from sam_optax.geometry import AscentGeometry
+from sam_optax.two_pass import AxisName, SharpnessAwareGrads, sharpness_aware_grad
+
+
+def nnx_sharpness_aware_grad(
+    loss_fn: Callable[..., Any],
+    geometry: Optional[AscentGeometry] = None,
+    *,
+    wrt: Any = nnx.Param,
+    has_aux: bool = False,
+    m: Optional[int] = None,
+    axis_name: AxisName = None,
+    mesh: Optional[jax.sharding.Mesh] = None,
+    chunk_mode: str = "vmap",
+    microbatch_size: Optional[int] = None,
+    ascent_steps: int = 1,
+    ascent_step_size: Optional[float] = None,
+) -> Callable[..., SharpnessAwareGrads]:
+    r""":func:`sam_optax.sharpness_aware_grad` for an ``nnx.Module``.
+
+    The module is split into the variables ``wrt`` (differentiated and
+    perturbed), its random keys, and the rest (BatchNorm statistics, rng
+    counts, ...). Each pass runs ``loss_fn`` on a throwaway copy
+    ``nnx.merge(graphdef, params, keys, rest, copy=True)``, so the model itself
+    is not modified; the non-``wrt`` state the *clean* pass leaves in its copy
+    is returned as ``out.aux[0]`` for one ``nnx.update(model, out.aux[0])``
+    (the perturbed pass's is discarded: BatchNorm statistics and rng counts
+    advance once per step).
+
+    **Dropout.** Both passes of a shard start from the same rng state, hence use
+    the same dropout mask (the perturbation is the ascent direction of the
+    sampled loss, as in the original SAM code). Every shard's copy folds the
+    index of its first example into the module's rng keys
+    (``jax.random.fold_in(key, i)``), so different m-sharpness shards draw
+    different masks; the model's keys themselves are never changed and its rng
+    counts advance once per step. **BatchNorm** with shards normalizes per
+    shard ("ghost" BatchNorm) and the returned statistics are the mean over
+    shards.
+
+    Args:
+      loss_fn: ``loss_fn(model, batch, *args) -> loss`` (or ``(loss, aux)`` with
+        ``has_aux``).
+      geometry: the ascent geometry (default ``sam_optax.geometry.l2(0.05)``).
+      wrt: filter of the variables to differentiate (as ``nnx.Optimizer``'s).
+      has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+      m, axis_name, mesh, chunk_mode, microbatch_size, ascent_steps,
+        ascent_step_size: as :func:`sam_optax.sharpness_aware_grad`.
+
+    Returns:
+      ``f(model, batch, *args, ascent_state=None) -> SharpnessAwareGrads`` whose
+      ``grads`` and ``perturbed_grads`` are ``nnx.State`` of the ``wrt``
+      variables (as ``nnx.grad`` returns) and whose ``aux`` is
+      ``(new_state, loss_aux)``: the clean pass's non-``wrt`` state and the aux
+      of ``loss_fn`` (``None`` without ``has_aux``).
+    """
+    sa_kwargs = dict(
+        has_aux=True, m=m, axis_name=axis_name, mesh=mesh, chunk_mode=chunk_mode,
+        microbatch_size=microbatch_size, ascent_steps=ascent_steps, ascent_step_size=ascent_step_size,
+    )
+
+    def build(graphdef):
+        def closure(params, batch_and_index, keys, rest, *args):
+            batch, index = batch_and_index
+            keys = jax.tree.map(lambda k: jax.random.fold_in(k, index[0]), keys)
+            module = nnx.merge(graphdef, params, keys, rest, copy=True)
+            out = loss_fn(module, batch, *args)
+            loss, aux = out if has_aux else (out, None)
+            _, _, _, new_rest = nnx.split(module, wrt, nnx.RngKey, ...)
+            return loss, (new_rest, aux)
+
+        return sharpness_aware_grad(closure, geometry, **sa_kwargs)
+
+    get_sa_grad = _common.cached(build)
+
+    def f(model, batch, *args, ascent_state=None):
+        graphdef, params, keys, rest = nnx.split(model, wrt, nnx.RngKey, ...)
+        index = _common.example_index(batch, axis_name, mesh)
+        return get_sa_grad(graphdef)(params, (batch, index), keys, rest, *args, ascent_state=ascent_state)
+
+    return f
+
+
+class SharpnessAwareOptimizer(nnx.Optimizer):
+    """An ``nnx.Optimizer`` that also holds the ascent geometry and its state.
+
+    ``update`` forwards ``perturbed_grads`` to the rule (``nnx.Optimizer``
+    forwards keyword arguments to ``tx.update``) and stores the new ascent
+    state. ``nnx.state((model, optimizer))`` checkpoints everything with orbax.
+
+    Attributes:
+      step, tx, opt_state, wrt: as ``nnx.Optimizer``.
+      geometry: the :class:`~sam_optax.geometry.AscentGeometry` (static).
+      ascent_state: its state (``OptState`` variables).
+    """
+
+    def __init__(self, model, tx, geometry: AscentGeometry, *, wrt: Any = nnx.Param):
+        """Args:
+          model: the ``nnx.Module``.
+          tx: the rule (e.g. ``sam_optax.sam(optax.sgd(0.1))``).
+          geometry: the ascent geometry (e.g. ``sam_optax.geometry.l2(0.05)``).
+          wrt: filter of the trained variables.
+        """
+        if geometry is None or not callable(getattr(geometry, "init", None)):
+            raise ValueError(f"geometry must be an AscentGeometry (init/update), got {geometry!r}.")
+        super().__init__(model, tx, wrt=wrt)
+        self.geometry = geometry
+        self.ascent_state = nnx.data(to_opt_state(geometry.init(nnx.as_pure(nnx.state(model, wrt)))))
+
+    def update(self, model, grads, /, *, perturbed_grads, ascent_state=None, **kwargs):
+        """Applies one update of the rule to ``model`` and stores ``ascent_state``.
+
+        Args:
+          model: the module.
+          grads: the clean gradient (``out.grads``).
+          perturbed_grads: ``out.perturbed_grads``.
+          ascent_state: the new ascent state (``out.ascent_state``), if any.
+          **kwargs: further extra arguments of ``tx.update``.
+
+        Returns:
+          The updates.
+        """
+        updates = super().update(model, grads, perturbed_grads=perturbed_grads, **kwargs)
+        if ascent_state is not None:
+            nnx.update(self.ascent_state, nnx.state(ascent_state))
+        return updates
+
+
+def nnx_train_step(
+    loss_fn: Callable[..., Any],
+    *,
+    has_aux: bool = False,
+    m: Optional[int] = None,
+    axis_name: AxisName = None,
+    mesh: Optional[jax.sharding.Mesh] = None,
+    chunk_mode: str = "vmap",
+    microbatch_size: Optional[int] = None,
+    ascent_steps: int = 1,
+    ascent_step_size: Optional[float] = None,
+    jit: bool = True,
+) -> Callable[..., Any]:
+    r"""Builds ``step(model, optimizer, batch, *args) -> metrics`` for an NNX model.
+
+    One step updates ``model`` and ``optimizer`` (a
+    :class:`SharpnessAwareOptimizer`) in place:
+
+    .. math::
+
+      g = \nabla L(w), \quad \epsilon = \mathrm{geometry}(g), \quad
+      \tilde g = \nabla L(w + \epsilon), \quad
+      (w, s) \leftarrow \mathrm{rule}(g, \tilde g, w, s)
+
+    with the clean pass's BatchNorm statistics and rng counts written to
+    ``model`` once (see :func:`nnx_sharpness_aware_grad` for dropout and
+    m-sharpness shards). It is the few lines::
+
+      out = nnx_sharpness_aware_grad(loss_fn, optimizer.geometry, wrt=optimizer.wrt)(
+          model, batch, ascent_state=nnx.as_pure(optimizer.ascent_state))
+      nnx.update(model, out.aux[0])
+      optimizer.update(model, out.grads, perturbed_grads=out.perturbed_grads,
+                       ascent_state=out.ascent_state)
+
+    Args:
+      loss_fn: ``loss_fn(model, batch, *args) -> loss`` (or ``(loss, metrics)``
+        with ``has_aux``).
+      has_aux: whether ``loss_fn`` returns ``(loss, metrics)`` (a dict, averaged
+        over shards and returned).
+      m, axis_name, mesh, chunk_mode, microbatch_size, ascent_steps,
+        ascent_step_size: as :func:`sam_optax.sharpness_aware_grad`.
+      jit: return the step ``nnx.jit``-ed.
+
+    Returns:
+      ``step(model, optimizer, batch, *args) -> metrics`` with ``loss``,
+      ``perturbed_loss``, ``sharpness`` and the ``loss_fn`` metrics.
+    """
+    kwargs = dict(
+        has_aux=has_aux, m=m, axis_name=axis_name, mesh=mesh, chunk_mode=chunk_mode,
+        microbatch_size=microbatch_size, ascent_steps=ascent_steps, ascent_step_size=ascent_step_size,
+    )
+    get_grad_fn = _common.cached(lambda geometry, wrt: nnx_sharpness_aware_grad(loss_fn, geometry, wrt=wrt, **kwargs))
+
+    def step(model, optimizer: SharpnessAwareOptimizer, batch, *args):
+        grad_fn = get_grad_fn(optimizer.geometry, optimizer.wrt)
+        out = grad_fn(model, batch, *args, ascent_state=nnx.as_pure(optimizer.ascent_state))
+        new_state, metrics = out.aux
+        nnx.update(model, new_state)
+        optimizer.update(model, out.grads, perturbed_grads=out.perturbed_grads, ascent_state=out.ascent_state)
+        metrics = dict(metrics or {}, loss=out.loss, perturbed_loss=out.perturbed_loss,
+                       sharpness=out.perturbed_loss - out.loss)
+        return metrics
+
+    return nnx.jit(step) if jit else step

@@ -1,0 +1,118 @@
+"""The m-sharpness value of the loss, from the two-pass machinery of training."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+from sam_optax.geometry import AscentGeometry
+from sam_optax.metrics._hessian import Batches
+from sam_optax.two_pass import AxisName, sharpness_aware_grad
+
+
+class MSharpness(NamedTuple):
+    """What the function made by :func:`m_sharpness` returns (means over shards and batches).
+
+    Attributes:
+      sharpness: ``perturbed_loss - loss``, the m-sharpness value.
+      loss: the clean loss :math:`L(w)`.
+      perturbed_loss: :math:`L(w + \\epsilon)` (each shard at its own perturbation).
+    """
+
+    sharpness: jax.Array
+    loss: jax.Array
+    perturbed_loss: jax.Array
+
+
+def m_sharpness(
+    loss_fn: Callable[..., Any],
+    geometry: Optional[AscentGeometry] = None,
+    *,
+    has_aux: bool = False,
+    m: Optional[int] = None,
+    axis_name: AxisName = None,
+    mesh: Optional[jax.sharding.Mesh] = None,
+    chunk_mode: str = "vmap",
+    microbatch_size: Optional[int] = None,
+    ascent_steps: int = 1,
+    ascent_step_size: Optional[float] = None,
+) -> Callable[..., MSharpness]:
+    r"""Builds a jitted function measuring the m-sharpness of the loss.
+
+    .. math::
+
+      S_m(w) = \frac{1}{|\mathcal S|} \sum_{S \in \mathcal S}
+      \max_{\lVert \epsilon \rVert \le \rho} L_S(w + \epsilon) - L_S(w)
+
+    over the m-sharpness shards :math:`S` (disjoint groups of ``m`` examples:
+    chunks inside a device, devices of a mesh). The inner maximum is
+    approximated by the ascent of :func:`sam_optax.sharpness_aware_grad`, with
+    the same arguments: ``ascent_steps=1`` is the first-order solution
+    :math:`\epsilon_S = \rho\, g_S / \lVert g_S \rVert` (for the L2 geometry),
+    ``ascent_steps=n`` is ``n`` projected ascent steps (a lower bound on the
+    maximum that tightens with more steps). This is exactly
+    ``perturbed_loss - loss`` of the training machinery: what SAM minimizes.
+
+    Args:
+      loss_fn: ``loss_fn(params, batch, *args) -> loss`` (or ``(loss, aux)`` with
+        ``has_aux``), a mean over the examples.
+      geometry: the ball (default ``sam_optax.geometry.l2(rho=0.05)``).
+      has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+      m: shard size (``None``: one shard per device).
+      axis_name: device mesh axis name(s) (inside your ``shard_map`` / ``pmap``,
+        or with ``mesh``).
+      mesh: run under ``jax.shard_map`` over this mesh.
+      chunk_mode: ``'vmap'`` or ``'scan'``.
+      microbatch_size: accumulate each shard's passes over micro-batches.
+      ascent_steps: number of ascent steps, ``>= 1``.
+      ascent_step_size: step as a fraction of ``rho`` (default ``1/ascent_steps``).
+
+    Returns:
+      ``f(params, batch, *args, ascent_state=None) -> MSharpness``, jitted.
+      ``batch`` is one batch or a :class:`~sam_optax.metrics.Batches` (the mean
+      over them; every batch uses the same ``ascent_state``, i.e. the same
+      radius of a scheduled ``rho``).
+
+    References:
+      Foret et al, `Sharpness-Aware Minimization for Efficiently Improving
+      Generalization <https://arxiv.org/abs/2010.01412>`_, 2021 (sections 2 and 5.1)
+    """
+    sa_grad = sharpness_aware_grad(
+        loss_fn,
+        geometry,
+        has_aux=has_aux,
+        m=m,
+        axis_name=axis_name,
+        mesh=mesh,
+        chunk_mode=chunk_mode,
+        microbatch_size=microbatch_size,
+        ascent_steps=ascent_steps,
+        ascent_step_size=ascent_step_size,
+    )
+
+    def one(params, batch, args, ascent_state):
+        out = sa_grad(params, batch, *args, ascent_state=ascent_state)
+        wide = lambda x: jnp.asarray(x, jnp.promote_types(jnp.asarray(x).dtype, jnp.float32))
+        return wide(out.loss), wide(out.perturbed_loss)
+
+    @jax.jit
+    def f(params, batch, *args, ascent_state=None):
+        if isinstance(batch, Batches):
+            def body(acc, b):
+                loss, ploss = one(params, b, args, ascent_state)
+                return (acc[0] + loss, acc[1] + ploss), None
+
+            shapes = jax.eval_shape(
+                lambda: one(params, jax.tree.map(lambda x: x[0], batch.stacked), args, ascent_state)
+            )
+            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+            (loss, ploss), _ = jax.lax.scan(body, zeros, batch.stacked)
+            num = jax.tree.leaves(batch.stacked)[0].shape[0]
+            loss, ploss = loss / num, ploss / num
+        else:
+            loss, ploss = one(params, batch, args, ascent_state)
+        return MSharpness(sharpness=ploss - loss, loss=loss, perturbed_loss=ploss)
+
+    return f
