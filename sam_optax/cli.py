@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(MNIST-1D by default, or sklearn's digits) and compare test accuracy, final "
                                    "train loss, Hessian lambda_max and steps/s. Saves results.json and accuracy.png.")
     p.add_argument("--dataset", choices=("mnist1d", "digits"), default="mnist1d")
-    p.add_argument("--model", choices=("mlp", "cnn"), default="mlp")
+    p.add_argument("--model", choices=("mlp", "cnn"), default="cnn")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(DEFAULT_METHODS), metavar="METHOD",
                    help=f"from: {', '.join(METHODS)} (default: {' '.join(DEFAULT_METHODS)})")
     p.add_argument("--epochs", type=_positive_int, default=30)

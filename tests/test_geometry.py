@@ -175,7 +175,7 @@ def random_tree(shape_list, seed):
     return g, w
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=16, deadline=None)
 @given(shapes, st.integers(0, 10_000), st.floats(0.01, 2.0), st.sampled_from(sorted(ALL_GEOMETRIES)))
 def test_property_norm_is_rho(shape_list, seed, rho, name):
     g, w = random_tree(shape_list, seed)
