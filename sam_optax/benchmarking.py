@@ -1,21 +1,30 @@
 """Step-cost benchmark: time of a training step of each method, as ratios in one run.
 
-Run it with ``sam-optax bench`` or ``python benchmarks/step_cost.py``. For each
-model (a small MLP and a small CNN, Flax Linen) and a fixed batch, every
-method's jitted training step (two-pass helper + rule + ``optax.apply_updates``,
-params and optimizer state donated) is compiled, warmed up, and then timed in
-interleaved rounds, so that all methods see the same machine state; the
-median over rounds is reported. Ratios are to the base optimizer's step and to
+Run it with ``sam-optax bench`` or ``python benchmarks/step_cost.py`` (both
+start ``python -m sam_optax.benchmarking`` in a fresh process). For each model
+(a small MLP and a small CNN, Flax Linen) and a fixed batch, every method's
+jitted training step (two-pass helper + rule + ``optax.apply_updates``, params
+and optimizer state donated) is compiled, warmed up, and then timed in
+interleaved rounds, so that all methods see the same machine state; the median
+over rounds is reported. Ratios are to the base optimizer's step and to
 ``optax.contrib.sam`` per SAM update. Peak memory comes from XLA's compiled
-memory analysis of each step.
+memory analysis of each step (inputs + temporaries + non-aliased outputs).
+
+On CPU the benchmark runs XLA single-threaded and pinned to one core by
+default (``--threads one``): on a small shared machine, multi-threaded XLA
+makes ratios between identical programs drift by 10%; one pinned thread keeps
+them within a few percent. ``--threads all`` measures the default setting.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -36,6 +45,7 @@ TARGETS = {
     "looksam": ("<=", 1.25, "base"),
     "looksam_host": ("<=", 1.25, "base"),
     "sam_chunks": ("<=", 1.10, "sam"),
+    "sam_chunks_unroll": ("<=", 1.10, "sam"),
     "sam_vs_contrib": ("<=", 0.95, "contrib_opaque"),
     "sam_extra_memory": ("<=", 1.2, "param_bytes"),
 }
@@ -119,6 +129,7 @@ def _methods(model, lr: float, rho: float, batch_size: int) -> list[Method]:
     add("esam", sam_optax.sam(base), geometry.stochastic(geometry.l2(rho), 0.5), lossf=per_example,
         data_selection=sam_optax.data.sharpness_sensitive(0.5))
     add("sam_chunks", sam_optax.sam(base), geometry.l2(rho), m=batch_size // 8)
+    add("sam_chunks_unroll", sam_optax.sam(base), geometry.l2(rho), m=batch_size // 8, chunk_mode="unroll")
 
     # LookSAM k=5: time a whole period (1 full step + 4 reuse steps) per call, two ways:
     # the kind of step chosen inside jit by lax.cond, or two jitted steps chosen on the host.
@@ -210,6 +221,8 @@ def run(
     lr, rho = 0.05, 0.05
     results: dict[str, Any] = {
         "machine": {
+            "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            "cpu_affinity": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
             "backend": jax.default_backend(),
             "device": str(jax.devices()[0].device_kind),
             "devices": jax.device_count(),
@@ -240,7 +253,11 @@ def run(
                 params, opt_state, value = mth.step(params, opt_state, batch)
             jax.block_until_ready(value)
             state[mth.name] = (params, opt_state)
-            info[mth.name] = {"compile_s": compile_s, "memory": _memory(compiled), "times": []}
+            cost = compiled.cost_analysis()
+            cost = cost[0] if isinstance(cost, (list, tuple)) else (cost or {})
+            info[mth.name] = {"compile_s": compile_s, "memory": _memory(compiled), "times": [],
+                              "flops": float(cost.get("flops", 0.0)),
+                              "bytes_accessed": float(cost.get("bytes accessed", 0.0))}
             if progress:
                 print(f"[{model_name}] compiled {mth.name:<20} {compile_s:6.2f} s", flush=True)
         for r in range(rounds):
@@ -267,6 +284,8 @@ def run(
                 "ratio_to_base": t / base_t,
                 "ratio_to_contrib_opaque": t / contrib_t,
                 "compile_s": info[mth.name]["compile_s"],
+                "flops": info[mth.name]["flops"],
+                "bytes_accessed": info[mth.name]["bytes_accessed"],
                 "peak_bytes": peak,
                 "extra_peak_over_base_in_param_bytes": None if peak is None or base_peak is None
                 else (peak - base_peak) / param_bytes,
@@ -311,3 +330,68 @@ def format_table(results: dict) -> str:
         for key, chk in res["targets"].items():
             lines.append(f"{key:<20} {chk['value']:>9.3f} {'':>8} {chk['target']:<24} {'yes' if chk['met'] else 'NO'}")
     return "\n".join(lines)
+
+
+SINGLE_THREAD_FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sam-optax bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch-size", type=_positive_int, default=128)
+    parser.add_argument("--rounds", type=_positive_int, default=20)
+    parser.add_argument("--steps-per-round", type=_positive_int, default=5)
+    parser.add_argument("--models", nargs="+", choices=("mlp", "cnn"), default=["mlp", "cnn"])
+    parser.add_argument("--threads", choices=("one", "all"), default="one",
+                        help="CPU: one pinned XLA thread (default, stable ratios) or XLA's default threads")
+    parser.add_argument("--out", default=os.path.join("benchmarks", "results"), help="folder for the JSON")
+    parser.add_argument("--tag", default="", help="suffix of the JSON file name")
+    return parser
+
+
+def _parse(argv):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.batch_size % 8:
+        parser.error(f"--batch-size {args.batch_size} must be a multiple of 8 (m-sharpness with m = batch / 8)")
+    return args
+
+
+def main(argv=None) -> int:
+    """Runs in the current process (XLA flags must already be set)."""
+    args = _parse(argv)
+    if args.threads == "one" and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {max(os.sched_getaffinity(0))})
+    res = run(batch_size=args.batch_size, rounds=args.rounds, steps_per_round=args.steps_per_round,
+              models=tuple(args.models), out_dir=None)
+    res["settings"]["threads"] = args.threads
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"step_cost_{res['machine']['backend']}{args.tag}.json")
+    with open(path, "w") as f:
+        json.dump(res, f, indent=2)
+    print(format_table(res))
+    print(f"\nsaved {path}")
+    return 0
+
+
+def launch(argv) -> int:
+    """Starts ``python -m sam_optax.benchmarking`` with the XLA flags of ``--threads``."""
+    args = _parse(argv)
+    env = dict(os.environ)
+    if args.threads == "one":
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + SINGLE_THREAD_FLAGS).strip()
+    return subprocess.call([sys.executable, "-m", "sam_optax.benchmarking", *argv], env=env)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -142,9 +142,11 @@ def sharpness_aware_grad(
 
     * ``m`` smaller than the (local) batch: the batch is reshaped to
       ``[B // m, m, ...]`` and the body is ``vmap``-ed over the chunks
-      (``chunk_mode='vmap'``, fastest) or run in a ``lax.scan``
-      (``chunk_mode='scan'``, memory of one chunk: gradient accumulation where
-      each micro-batch is its own shard);
+      (``chunk_mode='vmap'``: per-chunk weights become batched matmuls and
+      grouped convolutions), unrolled in the program (``'unroll'``: one
+      ordinary pass per chunk, faster for convnets on CPU, compile time grows
+      with the number of chunks) or run in a ``lax.scan`` (``'scan'``: memory of
+      one chunk: gradient accumulation where each micro-batch is its own shard);
     * devices: call the function inside your own ``jax.shard_map`` / ``jax.pmap``
       over a mesh axis and pass that ``axis_name`` (each device perturbs with its
       local gradient; the results are ``pmean``-ed), or pass ``mesh=`` and the
@@ -177,7 +179,8 @@ def sharpness_aware_grad(
       mesh: a ``jax.sharding.Mesh``; if given the function runs itself under
         ``jax.shard_map`` with the batch split over ``axis_name`` and everything
         else replicated.
-      chunk_mode: ``'vmap'`` or ``'scan'`` (how chunks inside a device are run).
+      chunk_mode: ``'vmap'``, ``'unroll'`` or ``'scan'`` (how chunks inside a
+        device are run; all give the same result).
       microbatch_size: if given, each pass over a shard is accumulated over
         micro-batches of this size (a divisor of the shard size); the shard still
         shares one perturbation made from its full gradient.
@@ -237,8 +240,8 @@ def sharpness_aware_grad(
     _utils.check_positive_int("ascent_steps", ascent_steps)
     if ascent_step_size is not None:
         _utils.check_range("ascent_step_size", ascent_step_size, low=0.0, low_inclusive=False)
-    if chunk_mode not in ("vmap", "scan"):
-        raise ValueError(f"chunk_mode must be 'vmap' or 'scan', got {chunk_mode!r}.")
+    if chunk_mode not in ("vmap", "scan", "unroll"):
+        raise ValueError(f"chunk_mode must be 'vmap', 'scan' or 'unroll', got {chunk_mode!r}.")
     if ascent_steps > 1 and getattr(geometry, "norm", None) is None:
         raise ValueError("ascent_steps > 1 needs a geometry with a norm (to project onto the rho-ball).")
     if data_selection is not None:
@@ -334,6 +337,11 @@ def sharpness_aware_grad(
                 lambda shard: body(params, shard, args, state, second_pass), out_axes=(0, None)
             )(chunks)
             return _shards.shard_mean(_shards.chunk_mean(stacked), device_axes), new_state
+
+        if chunk_mode == "unroll":
+            outs = [body(params, jax.tree.map(lambda x: x[i], chunks), args, state, second_pass) for i in range(n)]
+            res = _shards.list_mean([o[0] for o in outs])
+            return _shards.shard_mean(res, device_axes), outs[0][1]
 
         def step(carry, shard):
             res, new_state = body(params, shard, args, state, second_pass)

@@ -90,7 +90,7 @@ def test_pmap_path():
     assert_trees_close(tmap(lambda x: x[7], out.perturbed_grads), gp)
 
 
-@pytest.mark.parametrize("mode", ["vmap", "scan"])
+@pytest.mark.parametrize("mode", ["vmap", "scan", "unroll"])
 def test_chunks_inside_devices(mode):
     out = sam_optax.sharpness_aware_grad(loss_fn, geometry.l2(RHO), mesh=auto_mesh(), m=2, chunk_mode=mode)(P0, BATCH)
     g, gp = sam_grads_by_hand(P0, BATCH, RHO, m=2)

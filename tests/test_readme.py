@@ -88,3 +88,14 @@ def test_readme_metrics_and_flax_examples_run():
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     after = jax.tree.leaves(ns["nnx"].state((ns["net"], ns["optimizer"])))
     assert len(before) == len(after)
+
+
+def test_readme_benchmark_table_is_the_committed_results():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("summarize", README.parent / "benchmarks" / "summarize.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    text = README.read_text()
+    block = text[text.index(mod.START) + len(mod.START):text.index(mod.END)]
+    assert block.strip() == mod.summary().strip()

@@ -31,7 +31,7 @@ def test_global_sam_matches_hand():
 
 
 @pytest.mark.parametrize("m", [4, 8, 16])
-@pytest.mark.parametrize("mode", ["vmap", "scan"])
+@pytest.mark.parametrize("mode", ["vmap", "scan", "unroll"])
 def test_m_sharpness_chunks_match_per_chunk_loop(m, mode):
     out = sam_optax.sharpness_aware_grad(loss_fn, geometry.l2(RHO), m=m, chunk_mode=mode)(P0, BATCH)
     g, gp = sam_grads_by_hand(P0, BATCH, RHO, m=m)

@@ -141,3 +141,20 @@ def chunk_mean(stacked: Any) -> Any:
         return jnp.max(x, axis=0)
 
     return jax.tree.map(leaf, stacked)
+
+
+def list_mean(results: Any) -> Any:
+    """Mean of a list of equally structured pytrees (unrolled adds in at least
+    float32 for floating leaves, returned in their dtype); other leaves: max."""
+
+    def leaf(*xs):
+        x0 = jnp.asarray(xs[0])
+        if jnp.issubdtype(x0.dtype, jnp.inexact):
+            wide = jnp.promote_types(x0.dtype, jnp.float32)
+            return (sum(jnp.asarray(x, wide) for x in xs) / len(xs)).astype(x0.dtype)
+        out = xs[0]
+        for x in xs[1:]:
+            out = jnp.maximum(out, x)
+        return out
+
+    return jax.tree.map(leaf, *results)

@@ -69,8 +69,9 @@ def gsam(
         del params
         unit = 1.0 / (_utils.tree_norm(g_pert) + eps)
         coef = _utils.tree_vdot(g, g_pert) * unit * unit
-        g_perp = jax.tree.map(lambda a, b: a - coef * b, g, g_pert)
-        return jax.tree.map(lambda b, c: b - alpha * c, g_pert, g_perp), None, state.extra
+        # g_pert - alpha * (g - coef * g_pert), in one elementwise pass
+        scale = 1.0 + alpha * coef
+        return jax.tree.map(lambda a, b: scale * b - alpha * a, g, g_pert), None, state.extra
 
     return sharpness_rule(base, combine, name="gsam", max_norm=max_norm)
 
