@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, NamedTuple, Optional
 
+import jax
+import jax.numpy as jnp
 import optax
 
 import sam_optax
@@ -69,6 +71,12 @@ def _last(params, opt_state):
     return params
 
 
+def _swa_eval(params, opt_state):
+    """The SWA average once it holds a snapshot, the current weights before."""
+    n = optax.tree.get(opt_state, "n_averaged")
+    return jax.tree.map(lambda a, w: jnp.where(n > 0, a, w), averaging.swa_params(opt_state), params)
+
+
 def build_method(name: str, hp: Hyper, *, steps_per_epoch: int, epochs: int) -> Recipe:
     total = steps_per_epoch * epochs
     lr = optax.cosine_decay_schedule(hp.lr, total)
@@ -105,13 +113,13 @@ def build_method(name: str, hp: Hyper, *, steps_per_epoch: int, epochs: int) -> 
         start_epoch = max(1, int(round(hp.swa_start * epochs)))
         schedule = averaging.swa_official_schedule(hp.lr, hp.swa_lr * hp.lr, start_epoch, steps_per_epoch)
         tx = averaging.swa(base(schedule), start_step=start_epoch * steps_per_epoch, period=steps_per_epoch)
-        return Recipe(tx, None, {}, False, lambda p, s: averaging.swa_params(s))
+        return Recipe(tx, None, {}, False, _swa_eval)
     if name == "sam_swa":
         start_epoch = max(1, int(round(hp.swa_start * epochs)))
         schedule = averaging.swa_official_schedule(hp.lr, hp.swa_lr * hp.lr, start_epoch, steps_per_epoch)
         tx = averaging.swa(sam_optax.sam(base(schedule)), start_step=start_epoch * steps_per_epoch,
                            period=steps_per_epoch)
-        return Recipe(tx, geometry.l2(hp.rho), sa, False, lambda p, s: averaging.swa_params(s))
+        return Recipe(tx, geometry.l2(hp.rho), sa, False, _swa_eval)
     if name == "ema":
         tx = averaging.weight_ema(base(), hp.ema_decay, debias=True)
         return Recipe(tx, None, {}, False, lambda p, s: averaging.ema_params(s))

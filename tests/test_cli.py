@@ -1,0 +1,81 @@
+"""The sam-optax command: help, argument errors without tracebacks, small real runs."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from sam_optax import cli
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["compare", "--help"], ["toy", "--help"]])
+def test_help(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 0
+    assert "usage: sam-optax" in capsys.readouterr().out
+
+
+def test_bench_help_runs_its_own_parser():
+    out = subprocess.run([sys.executable, "-m", "sam_optax.cli", "bench", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "--threads" in out.stdout
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["compare", "--epochs", "0"], "must be an integer >= 1"),
+        (["compare", "--methods", "nope"], "invalid choice"),
+        (["compare", "--label-noise", "1.5"], "must be in [0, 1)"),
+        (["compare", "--m", "5"], "--m 5 must divide --batch-size 128"),
+        (["compare", "--lr", "fast"], "must be a number >= 0"),
+        (["toy", "--steps", "-3"], "must be an integer >= 1"),
+        (["frobnicate"], "invalid choice"),
+        ([], "required"),
+    ],
+)
+def test_bad_arguments_exit_2_with_a_message(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_bad_value_found_late_is_an_error_not_a_traceback(tmp_path, capsys):
+    rc = cli.main(["compare", "--dataset", "digits", "--batch-size", "5000", "--methods", "sgd",
+                   "--out", str(tmp_path), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "batch_size 5000 is larger than the training set" in err and "Traceback" not in err
+
+
+def test_bench_argument_errors():
+    out = subprocess.run([sys.executable, "-m", "sam_optax.cli", "bench", "--batch-size", "12"],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "multiple of 8" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_compare_small_run(tmp_path, capsys):
+    rc = cli.main(["compare", "--dataset", "digits", "--model", "mlp", "--epochs", "2", "--methods", "sgd", "sam",
+                   "esam", "swa", "--label-noise", "0.2", "--out", str(tmp_path), "--no-progress"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "lambda_max" in out and "esam" in out
+    payload = json.loads((tmp_path / "results.json").read_text())
+    assert [r["method"] for r in payload["results"]] == ["sgd", "sam", "esam", "swa"]
+    for r in payload["results"]:
+        assert 0.3 < r["test_accuracy"] <= 1.0 and r["lambda_max"] > 0 and r["steps_per_second"] > 0
+        assert len(r["curve"]) == 2
+    assert payload["label_noise"] == 0.2
+    assert (tmp_path / "accuracy.png").stat().st_size > 10_000
+
+
+def test_toy_reproduces_the_wsam_figure(tmp_path, capsys):
+    assert cli.main(["toy", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    rows = {line[:28].strip(): line.split()[-1] for line in out.splitlines() if line.startswith(("SAM", "WSAM"))}
+    assert rows["SAM"] == "sharp" and rows["WSAM coupled gamma=0.6"] == "sharp"
+    assert rows["WSAM coupled gamma=0.95"] == "flat"
+    assert rows["WSAM decoupled gamma=0.95"] == "sharp"
+    assert (tmp_path / "wsam_toy.png").stat().st_size > 10_000
