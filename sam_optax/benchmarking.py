@@ -35,6 +35,7 @@ import optax
 
 import sam_optax
 from sam_optax import geometry
+from sam_optax._argtypes import positive_int as _positive_int
 
 TARGETS = {
     "sam": ("<=", 2.03, "base"),
@@ -333,16 +334,6 @@ def format_table(results: dict) -> str:
 
 
 SINGLE_THREAD_FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -293,3 +293,34 @@ def test_nnx_trains_and_orbax_resume_is_bit_identical(tmp_path):
         if jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
             a, b = jax.random.key_data(a), jax.random.key_data(b)
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_linen_step_forwards_every_two_pass_option_esam_sds():
+    """Options of sharpness_aware_grad reach the Linen helper (here ESAM's data selection)."""
+    import flax.linen as nn
+    import optax
+
+    import sam_optax
+    from sam_optax.data import sharpness_sensitive
+    from sam_optax.flax import TrainState, linen_train_step
+
+    model = nn.Dense(3)
+    x = jax.random.normal(jax.random.PRNGKey(0), (32, 5))
+    batch = {"x": x, "y": jnp.argmax(x[:, :3], axis=1)}
+    params = model.init(jax.random.PRNGKey(1), x[:1])["params"]
+    tx, geo = sam_optax.sam(optax.sgd(0.1)), sam_optax.geometry.l2(0.1)
+    state = TrainState.create(apply_fn=model.apply, params=params, tx=tx, geometry=geo)
+
+    def per_example(apply, b):
+        return optax.softmax_cross_entropy_with_integer_labels(apply(b["x"]), b["y"])
+
+    step = linen_train_step(per_example, data_selection=sharpness_sensitive(0.5), m=16)
+    state, _ = step(state, batch)
+
+    def pure(p, b):
+        return optax.softmax_cross_entropy_with_integer_labels(model.apply({"params": p}, b["x"]), b["y"])
+
+    init, pure_step = sam_optax.sharpness_aware_step(pure, tx, geo, data_selection=sharpness_sensitive(0.5), m=16)
+    want, _, _ = pure_step(params, init(params), batch)
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(want)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)

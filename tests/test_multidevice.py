@@ -2,8 +2,6 @@
 meshes, the helper's own or the user's), pmap, chunks inside devices; all equal
 the explicit per-chunk loop."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -62,7 +62,6 @@ def test_readme_decay_and_averaging_example_runs():
 def test_readme_metrics_and_flax_examples_run():
     import jax
     import numpy as np
-    from jax.flatten_util import ravel_pytree
 
     ns = {}
     (metrics_block,) = section_blocks("Sharpness metrics")

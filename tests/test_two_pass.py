@@ -10,7 +10,7 @@ import pytest
 import sam_optax
 from sam_optax import geometry
 from helpers import (
-    assert_trees_close, loss_fn, make_batch, make_params, per_example_loss, sam_grads_by_hand, tmap, tree_norm,
+    assert_trees_close, loss_fn, make_batch, make_params, sam_grads_by_hand, tmap, tree_norm,
 )
 
 RHO = 0.1

@@ -12,7 +12,7 @@ from flax.training import train_state
 
 from sam_optax.flax import _common
 from sam_optax.geometry import AscentGeometry
-from sam_optax.two_pass import AxisName, sharpness_aware_grad
+from sam_optax.two_pass import sharpness_aware_grad
 
 
 class TrainState(train_state.TrainState):
@@ -94,15 +94,9 @@ def linen_train_step(
     *,
     has_aux: bool = False,
     rng_collections: Sequence[str] = ("dropout",),
-    m: Optional[int] = None,
-    axis_name: AxisName = None,
-    mesh: Optional[jax.sharding.Mesh] = None,
-    chunk_mode: str = "vmap",
-    microbatch_size: Optional[int] = None,
-    ascent_steps: int = 1,
-    ascent_step_size: Optional[float] = None,
     jit: bool = True,
     donate: bool = False,
+    **sa_kwargs: Any,
 ) -> Callable[..., Any]:
     r"""Builds ``step(state, batch, rng=None) -> (state, metrics)`` for a Linen model.
 
@@ -145,16 +139,12 @@ def linen_train_step(
         returned). Do not pass ``rngs`` or ``mutable`` to ``apply``.
       has_aux: whether ``loss_fn`` returns ``(loss, metrics)``.
       rng_collections: the Linen rng collections made from ``rng``.
-      m: m-sharpness shard size (see :func:`sam_optax.sharpness_aware_grad`).
-      axis_name: device mesh axis name(s), when the step runs inside your own
-        ``jax.shard_map`` / ``jax.pmap``.
-      mesh: run the two passes under ``jax.shard_map`` over this mesh.
-      chunk_mode: ``'vmap'`` or ``'scan'``.
-      microbatch_size: accumulate each shard's passes over micro-batches.
-      ascent_steps: number of ascent steps.
-      ascent_step_size: ascent step as a fraction of ``rho``.
       jit: return the step ``jax.jit``-ed.
       donate: with ``jit``, donate the input state's buffers.
+      **sa_kwargs: the other keyword arguments of
+        :func:`sam_optax.sharpness_aware_grad` (``m``, ``axis_name``, ``mesh``,
+        ``chunk_mode``, ``microbatch_size``, ``ascent_steps``,
+        ``ascent_step_size``, ``data_selection``).
 
     Returns:
       ``step(state, batch, rng=None) -> (state, metrics)`` where ``metrics`` has
@@ -162,10 +152,7 @@ def linen_train_step(
       ``loss_fn`` metrics.
     """
     collections = tuple(rng_collections)
-    sa_kwargs = dict(
-        has_aux=True, m=m, axis_name=axis_name, mesh=mesh, chunk_mode=chunk_mode,
-        microbatch_size=microbatch_size, ascent_steps=ascent_steps, ascent_step_size=ascent_step_size,
-    )
+    sa_kwargs = dict(sa_kwargs, has_aux=True)
 
     def build(apply_fn, geometry):
         def closure(params, batch_and_index, batch_stats, rng):
@@ -200,7 +187,7 @@ def linen_train_step(
         if state.geometry is None:
             raise ValueError("state.geometry is None: make the state with TrainState.create(..., geometry=...).")
         sa_grad = get_sa_grad(state.apply_fn, state.geometry)
-        index = _common.example_index(batch, axis_name, mesh)
+        index = _common.example_index(batch, sa_kwargs.get("axis_name"), sa_kwargs.get("mesh"))
         out = sa_grad(state.params, (batch, index), state.batch_stats, rng, ascent_state=state.ascent_state)
         new_stats, metrics = out.aux
         state = state.apply_gradients(

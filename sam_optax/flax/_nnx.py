@@ -11,7 +11,7 @@ from flax.nnx.training.optimizer import to_opt_state
 
 from sam_optax.flax import _common
 from sam_optax.geometry import AscentGeometry
-from sam_optax.two_pass import AxisName, SharpnessAwareGrads, sharpness_aware_grad
+from sam_optax.two_pass import SharpnessAwareGrads, sharpness_aware_grad
 
 
 def nnx_sharpness_aware_grad(
@@ -20,13 +20,7 @@ def nnx_sharpness_aware_grad(
     *,
     wrt: Any = nnx.Param,
     has_aux: bool = False,
-    m: Optional[int] = None,
-    axis_name: AxisName = None,
-    mesh: Optional[jax.sharding.Mesh] = None,
-    chunk_mode: str = "vmap",
-    microbatch_size: Optional[int] = None,
-    ascent_steps: int = 1,
-    ascent_step_size: Optional[float] = None,
+    **sa_kwargs: Any,
 ) -> Callable[..., SharpnessAwareGrads]:
     r""":func:`sam_optax.sharpness_aware_grad` for an ``nnx.Module``.
 
@@ -55,8 +49,10 @@ def nnx_sharpness_aware_grad(
       geometry: the ascent geometry (default ``sam_optax.geometry.l2(0.05)``).
       wrt: filter of the variables to differentiate (as ``nnx.Optimizer``'s).
       has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
-      m, axis_name, mesh, chunk_mode, microbatch_size, ascent_steps,
-        ascent_step_size: as :func:`sam_optax.sharpness_aware_grad`.
+      **sa_kwargs: the other keyword arguments of
+        :func:`sam_optax.sharpness_aware_grad` (``m``, ``axis_name``, ``mesh``,
+        ``chunk_mode``, ``microbatch_size``, ``ascent_steps``,
+        ``ascent_step_size``, ``data_selection``).
 
     Returns:
       ``f(model, batch, *args, ascent_state=None) -> SharpnessAwareGrads`` whose
@@ -65,10 +61,7 @@ def nnx_sharpness_aware_grad(
       ``(new_state, loss_aux)``: the clean pass's non-``wrt`` state and the aux
       of ``loss_fn`` (``None`` without ``has_aux``).
     """
-    sa_kwargs = dict(
-        has_aux=True, m=m, axis_name=axis_name, mesh=mesh, chunk_mode=chunk_mode,
-        microbatch_size=microbatch_size, ascent_steps=ascent_steps, ascent_step_size=ascent_step_size,
-    )
+    sa_kwargs = dict(sa_kwargs, has_aux=True)
 
     def build(graphdef):
         def closure(params, batch_and_index, keys, rest, *args):
@@ -86,7 +79,7 @@ def nnx_sharpness_aware_grad(
 
     def f(model, batch, *args, ascent_state=None):
         graphdef, params, keys, rest = nnx.split(model, wrt, nnx.RngKey, ...)
-        index = _common.example_index(batch, axis_name, mesh)
+        index = _common.example_index(batch, sa_kwargs.get("axis_name"), sa_kwargs.get("mesh"))
         return get_sa_grad(graphdef)(params, (batch, index), keys, rest, *args, ascent_state=ascent_state)
 
     return f
@@ -141,14 +134,8 @@ def nnx_train_step(
     loss_fn: Callable[..., Any],
     *,
     has_aux: bool = False,
-    m: Optional[int] = None,
-    axis_name: AxisName = None,
-    mesh: Optional[jax.sharding.Mesh] = None,
-    chunk_mode: str = "vmap",
-    microbatch_size: Optional[int] = None,
-    ascent_steps: int = 1,
-    ascent_step_size: Optional[float] = None,
     jit: bool = True,
+    **sa_kwargs: Any,
 ) -> Callable[..., Any]:
     r"""Builds ``step(model, optimizer, batch, *args) -> metrics`` for an NNX model.
 
@@ -176,18 +163,17 @@ def nnx_train_step(
         with ``has_aux``).
       has_aux: whether ``loss_fn`` returns ``(loss, metrics)`` (a dict, averaged
         over shards and returned).
-      m, axis_name, mesh, chunk_mode, microbatch_size, ascent_steps,
-        ascent_step_size: as :func:`sam_optax.sharpness_aware_grad`.
+      **sa_kwargs: the other keyword arguments of
+        :func:`sam_optax.sharpness_aware_grad` (``m``, ``axis_name``, ``mesh``,
+        ``chunk_mode``, ``microbatch_size``, ``ascent_steps``,
+        ``ascent_step_size``, ``data_selection``).
       jit: return the step ``nnx.jit``-ed.
 
     Returns:
       ``step(model, optimizer, batch, *args) -> metrics`` with ``loss``,
       ``perturbed_loss``, ``sharpness`` and the ``loss_fn`` metrics.
     """
-    kwargs = dict(
-        has_aux=has_aux, m=m, axis_name=axis_name, mesh=mesh, chunk_mode=chunk_mode,
-        microbatch_size=microbatch_size, ascent_steps=ascent_steps, ascent_step_size=ascent_step_size,
-    )
+    kwargs = dict(sa_kwargs, has_aux=has_aux)
     get_grad_fn = _common.cached(lambda geometry, wrt: nnx_sharpness_aware_grad(loss_fn, geometry, wrt=wrt, **kwargs))
 
     def step(model, optimizer: SharpnessAwareOptimizer, batch, *args):

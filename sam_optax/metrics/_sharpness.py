@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 from sam_optax.geometry import AscentGeometry
 from sam_optax.metrics._hessian import Batches
-from sam_optax.two_pass import AxisName, sharpness_aware_grad
+from sam_optax.two_pass import sharpness_aware_grad
 
 
 class MSharpness(NamedTuple):
@@ -31,13 +31,7 @@ def m_sharpness(
     geometry: Optional[AscentGeometry] = None,
     *,
     has_aux: bool = False,
-    m: Optional[int] = None,
-    axis_name: AxisName = None,
-    mesh: Optional[jax.sharding.Mesh] = None,
-    chunk_mode: str = "vmap",
-    microbatch_size: Optional[int] = None,
-    ascent_steps: int = 1,
-    ascent_step_size: Optional[float] = None,
+    **sa_kwargs: Any,
 ) -> Callable[..., MSharpness]:
     r"""Builds a jitted function measuring the m-sharpness of the loss.
 
@@ -60,14 +54,11 @@ def m_sharpness(
         ``has_aux``), a mean over the examples.
       geometry: the ball (default ``sam_optax.geometry.l2(rho=0.05)``).
       has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
-      m: shard size (``None``: one shard per device).
-      axis_name: device mesh axis name(s) (inside your ``shard_map`` / ``pmap``,
-        or with ``mesh``).
-      mesh: run under ``jax.shard_map`` over this mesh.
-      chunk_mode: ``'vmap'`` or ``'scan'``.
-      microbatch_size: accumulate each shard's passes over micro-batches.
-      ascent_steps: number of ascent steps, ``>= 1``.
-      ascent_step_size: step as a fraction of ``rho`` (default ``1/ascent_steps``).
+      **sa_kwargs: the other keyword arguments of
+        :func:`sam_optax.sharpness_aware_grad`: ``m`` (shard size; ``None``: one
+        shard per device), ``axis_name``, ``mesh``, ``chunk_mode``,
+        ``microbatch_size``, ``ascent_steps`` (``n`` projected ascent steps),
+        ``ascent_step_size``.
 
     Returns:
       ``f(params, batch, *args, ascent_state=None) -> MSharpness``, jitted.
@@ -79,18 +70,7 @@ def m_sharpness(
       Foret et al, `Sharpness-Aware Minimization for Efficiently Improving
       Generalization <https://arxiv.org/abs/2010.01412>`_, 2021 (sections 2 and 5.1)
     """
-    sa_grad = sharpness_aware_grad(
-        loss_fn,
-        geometry,
-        has_aux=has_aux,
-        m=m,
-        axis_name=axis_name,
-        mesh=mesh,
-        chunk_mode=chunk_mode,
-        microbatch_size=microbatch_size,
-        ascent_steps=ascent_steps,
-        ascent_step_size=ascent_step_size,
-    )
+    sa_grad = sharpness_aware_grad(loss_fn, geometry, has_aux=has_aux, **sa_kwargs)
 
     def one(params, batch, args, ascent_state):
         out = sa_grad(params, batch, *args, ascent_state=ascent_state)
