@@ -209,6 +209,7 @@ def collect(store, seeds):
             key = f"{c['method']}|{c['hyper']['adamw_lr']}|{c['hyper']['adamw_wd']}"
             rows["adamw"].setdefault(key, []).append(res["test_accuracy"])
     stats = {k: v for k, v in rows.items() if k in ("tuned", "search")}
+    stats["seeds"] = seeds
     stats["noise"] = {m: {n: _stat(v) for n, v in d.items()} for m, d in rows["noise"].items()}
     stats["minima"] = {m: {k: _stat(v) for k, v in d.items()} for m, d in rows["minima"].items()}
     stats["m"] = {m: _stat(v) for m, v in rows["m"].items()}

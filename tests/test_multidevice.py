@@ -129,3 +129,23 @@ def test_training_under_mesh_equals_single_device_chunks():
     a, _ = train(tx(), geometry.l2(RHO), P0, batches, mesh=auto_mesh())
     b, _ = train(tx(), geometry.l2(RHO), P0, batches, m=8)
     assert_trees_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_esam_and_looksam_under_shard_map_equal_per_chunk_reference():
+    """SWP (same mask on every shard), SDS per device, and LookSAM's lax.cond inside shard_map."""
+    from helpers import per_example_loss
+    from sam_optax.data import sharpness_sensitive
+
+    batches = [make_batch(seed=s, n=64) for s in range(4)]
+    geo = geometry.stochastic(geometry.l2(RHO), 0.5, granularity="coordinate")
+    tx = lambda: sam_optax.looksam(optax.sgd(0.1, momentum=0.9), k=2)  # noqa: E731
+    runs = []
+    for kwargs in [dict(mesh=auto_mesh()), dict(m=8)]:
+        init, step = sam_optax.sharpness_aware_step(per_example_loss, tx(), geo,
+                                                    data_selection=sharpness_sensitive(0.5), **kwargs)
+        p, s = P0, init(P0)
+        step = jax.jit(step)
+        for b in batches:
+            p, s, _ = step(p, s, b)
+        runs.append(p)
+    assert_trees_close(runs[0], runs[1], rtol=1e-5, atol=1e-6)

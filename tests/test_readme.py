@@ -98,3 +98,21 @@ def test_readme_benchmark_table_is_the_committed_results():
     text = README.read_text()
     block = text[text.index(mod.START) + len(mod.START):text.index(mod.END)]
     assert block.strip() == mod.summary().strip()
+
+
+def test_readme_claims_tables_are_the_saved_runs():
+    import importlib.util
+    import json
+
+    results = README.parent / "benchmarks" / "results" / "claims"
+    if not (results / "runs.jsonl").exists():
+        import pytest
+
+        pytest.skip("no saved claims runs")
+    spec = importlib.util.spec_from_file_location("claims", README.parent / "benchmarks" / "claims.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    seeds = json.loads((results / "summary.json").read_text())["seeds"]
+    want = mod.report_markdown(mod.collect(mod.Store(results / "runs.jsonl"), seeds), seeds)
+    text = README.read_text()
+    assert text[text.index(mod.START) + len(mod.START):text.index(mod.END)].strip() == want.strip()
