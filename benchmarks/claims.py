@@ -10,8 +10,9 @@ in the base optimizer) as the base of every method; several seeds per cell, mean
 
 1. Hyperparameter search (seed 0, clean labels, the last 640 training examples as validation):
    SAM's rho in {0.01, 0.02, 0.05, 0.1, 0.2, 0.5} (the SAM paper's grid), then WSAM's gamma in
-   {0.5, 0.7, 0.8, 0.9, 0.95} and GSAM's alpha in {0.01, 0.1, 0.3} at that rho; ESAM uses that rho
-   with the paper's beta = gamma = 0.5. The chosen values are used everywhere below.
+   {0.5, 0.7, 0.8, 0.9, 0.95} and GSAM's alpha in {0.01, 0.1, 0.3} at that rho; ESAM (the paper's
+   beta = gamma = 0.5) gets its own rho from the same grid, since its perturbation has norm
+   rho / beta. The chosen values are used everywhere below.
 2. Label noise (SAM Tab. 4, WSAM Tab. 6): symmetric noise 0/20/40/60/80% on the training labels,
    SGD vs SAM vs WSAM vs ESAM vs GSAM, test accuracy on clean labels.
 3. Generalization (WSAM Tab. 2 shape) and minima (WSAM Tab. 9 shape): the 0% noise runs; train
@@ -48,7 +49,7 @@ NOISES = (0.0, 0.2, 0.4, 0.6, 0.8)
 NOISE_METHODS = ("sgd", "sam", "wsam", "esam", "gsam")
 MS = (128, 64, 32, 16, 8)
 AVERAGING = ("sgd", "swa", "ema", "lookahead")
-ADAM_LRS = (3e-4, 1e-3, 3e-3)
+ADAM_LRS = (1e-3, 3e-3, 1e-2)
 ADAM_WDS = (0.0125, 0.05, 0.2)
 
 
@@ -70,6 +71,12 @@ class Store:
 
     def get(self, config):
         return self.runs.get(_key(config))
+
+    def keep_only(self, configs):
+        """Drops runs of configurations no longer in the suite (e.g. after a change of grid)."""
+        keys = {_key(c) for c in configs}
+        self.runs = {k: v for k, v in self.runs.items() if k in keys}
+        self.path.write_text("".join(json.dumps(row) + "\n" for row in self.runs.values()))
 
     def add(self, config, result):
         row = {"key": _key(config), "config": config, "result": result}
@@ -101,7 +108,8 @@ def _run(store, config, bar):
     data = _dataset(config["noise"], config["data_seed"], config["validation"])
     bar.set_postfix_str(f"{config['experiment']}: {config['method']} seed {config['seed']}")
     res = train_method(config["method"], data, model=MODEL, epochs=EPOCHS, batch_size=BATCH, hyper=hp,
-                       seed=config["seed"], hessian=config["hessian"], progress=False)
+                       seed=config["seed"], hessian=config["hessian"], sharpness_rho=config.get("sharpness_rho"),
+                       progress=False)
     result = res.to_dict()
     store.add(config, result)
     bar.update(1)
@@ -129,12 +137,17 @@ def tuned(store) -> dict:
     rho = sam["rho"] if sam else 0.05
     wsam = best(wsam_search(rho))
     gsam = best(gsam_search(rho))
+    esam = best(esam_search())
     return {"rho": rho, "wsam_gamma": wsam["wsam_gamma"] if wsam else 0.9,
-            "gsam_alpha": gsam["gsam_alpha"] if gsam else 0.3}
+            "gsam_alpha": gsam["gsam_alpha"] if gsam else 0.3, "esam_rho": esam["rho"] if esam else rho}
 
 
 def wsam_search(rho):
     return [_config("search", "wsam", 0, {"rho": rho, "wsam_gamma": g}, validation=True) for g in GAMMAS]
+
+
+def esam_search():
+    return [_config("search", "esam", 0, {"rho": r}, validation=True) for r in RHOS]
 
 
 def gsam_search(rho):
@@ -146,8 +159,12 @@ def main_configs(t, seeds):
     out = []
     for noise in NOISES:
         for method in NOISE_METHODS:
+            h = dict(hyper, rho=t["esam_rho"]) if method == "esam" else hyper
             for s in range(seeds):
-                out.append(_config("noise", method, s, hyper, noise=noise, hessian=noise == 0.0))
+                c = _config("noise", method, s, h, noise=noise, hessian=noise == 0.0)
+                if c["hessian"]:
+                    c["sharpness_rho"] = t["rho"]  # the same radius for every method
+                out.append(c)
     for m in MS:
         for s in range(seeds):
             out.append(_config("m", "sam", s, dict(hyper, m=m)))
@@ -184,7 +201,7 @@ def _fmt(s, scale=100.0, digits=1):
 def collect(store, seeds):
     t = tuned(store)
     rows = {"tuned": t, "search": {}, "noise": {}, "minima": {}, "m": {}, "averaging": {}, "adamw": {}}
-    for c in search_configs() + wsam_search(t["rho"]) + gsam_search(t["rho"]):
+    for c in search_configs() + wsam_search(t["rho"]) + gsam_search(t["rho"]) + esam_search():
         r = store.get(c)
         if r:
             label = f"{c['method']} " + ", ".join(f"{k}={v}" for k, v in c["hyper"].items())
@@ -224,7 +241,8 @@ def report_markdown(stats, seeds) -> str:
              f"SGD momentum 0.9 (lr 0.05, cosine) as every method's base; test accuracy in % on clean labels, "
              f"mean ± std over {seeds} seeds (`python benchmarks/claims.py`, results in "
              f"`benchmarks/results/claims/`). Tuned on a validation split: rho = {t['rho']}, "
-             f"WSAM gamma = {t['wsam_gamma']}, GSAM alpha = {t['gsam_alpha']}.", ""]
+             f"WSAM gamma = {t['wsam_gamma']}, GSAM alpha = {t['gsam_alpha']}, ESAM rho = {t['esam_rho']} "
+             f"(beta = gamma = 0.5).", ""]
     lines += ["**Label noise** (SAM Tab. 4, WSAM Tab. 6 shape):", "",
               "| method | " + " | ".join(f"{int(100 * n)}% noise" for n in NOISES) + " |",
               "|" + " --- |" * (1 + len(NOISES))]
@@ -336,14 +354,15 @@ def main(argv=None) -> int:
             for c in search_configs():
                 _run(store, c, bar)
         rho = tuned(store)["rho"]
-        more = wsam_search(rho) + gsam_search(rho)
-        with tqdm(total=len(more), desc="search gamma/alpha", dynamic_ncols=True) as bar:
+        more = wsam_search(rho) + gsam_search(rho) + esam_search()
+        with tqdm(total=len(more), desc="search gamma/alpha/esam", dynamic_ncols=True) as bar:
             for c in more:
                 _run(store, c, bar)
         configs = main_configs(tuned(store), args.seeds)
         with tqdm(total=len(configs), desc="experiments", dynamic_ncols=True) as bar:
             for c in configs:
                 _run(store, c, bar)
+        store.keep_only(search_configs() + more + configs)
         print(f"done in {(time.perf_counter() - t0) / 60:.1f} min", file=sys.stderr)
     print(write_report(store, args.seeds, args.write_readme))
     return 0

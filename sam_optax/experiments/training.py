@@ -44,6 +44,7 @@ def train_method(
     seed: int = 0,
     hessian: bool = True,
     hessian_examples: int = 512,
+    sharpness_rho: Optional[float] = None,
     progress: bool = True,
     position: int = 0,
 ) -> RunResult:
@@ -52,7 +53,9 @@ def train_method(
     Reports the clean test accuracy of the evaluated weights (the SWA / EMA /
     slow weights for the averaging methods), the final training loss on the
     (possibly noisy) training set, the top Hessian eigenvalue of the training
-    loss on the first ``hessian_examples`` training examples (power iteration),
+    loss on the first ``hessian_examples`` training examples (power iteration)
+    and the first-order sharpness there with radius ``sharpness_rho`` (default:
+    the recipe's ``rho``; fix it to compare methods tuned to different radii),
     and the training steps per second after compilation (evaluation excluded).
     """
     hp = hyper or Hyper()
@@ -136,7 +139,8 @@ def train_method(
         res = sam_optax.metrics.power_iteration(loss_fn, eval_params, sub, key=jax.random.PRNGKey(seed),
                                                 tol=1e-3, max_iterations=50)
         lam = float(res.eigenvalue)
-        out = sam_optax.sharpness_aware_grad(loss_fn, sam_optax.geometry.l2(hp.rho))(eval_params, sub)
+        radius = hp.rho if sharpness_rho is None else sharpness_rho
+        out = sam_optax.sharpness_aware_grad(loss_fn, sam_optax.geometry.l2(radius))(eval_params, sub)
         sharp = float(out.perturbed_loss - out.loss)
     return RunResult(
         method=method, seed=seed, test_accuracy=curve[-1][1], train_loss=train_loss, lambda_max=lam,
