@@ -9,3 +9,6 @@ if _flag not in os.environ.get("XLA_FLAGS", ""):
 import jax  # noqa: E402
 
 jax.config.update("jax_platforms", "cpu")
+
+# A worker process of test_multihost.py (reads sys.argv at import), not a test module.
+collect_ignore = ["multihost_worker.py"]
