@@ -103,7 +103,9 @@ def build_method(name: str, hp: Hyper, *, steps_per_epoch: int, epochs: int) -> 
     if name == "fisher":
         return Recipe(sam_optax.sam(base()), geometry.fisher(hp.fisher_rho, hp.fisher_eta), sa, False, _last)
     if name == "esam":
-        geo = geometry.stochastic(geometry.l2(hp.rho), hp.esam_beta)
+        # as the official code, whose settings gave the paper's results: a mask per tensor,
+        # the masked gradient normalized (benchmarks/claims.py's ESAM runs used this)
+        geo = geometry.stochastic(geometry.l2(hp.rho), hp.esam_beta, granularity="tensor", normalize="masked")
         return Recipe(sam_optax.sam(base()), geo, dict(sa, data_selection=sharpness_sensitive(hp.esam_gamma)),
                       True, _last)
     if name == "looksam":

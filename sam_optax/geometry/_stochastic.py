@@ -42,7 +42,7 @@ def stochastic(
     beta: float = 0.5,
     *,
     granularity: str = "tensor",
-    normalize: str = "masked",
+    normalize: str = "full",
     seed: int = 0,
 ) -> AscentGeometry:
     r"""ESAM's Stochastic Weight Perturbation around any ascent geometry.
@@ -51,12 +51,15 @@ def stochastic(
     parameter tensor, as the official code, or per coordinate, as the paper)
     and perturbs only the selected weights, rescaled by :math:`1/\beta`:
 
-    * ``normalize='masked'`` (official code): :math:`\epsilon = \frac{1}{\beta}
-      G(m \odot g)`, the geometry applied to the masked gradient; for the L2
-      ball :math:`\frac{\rho}{\beta} \frac{m\odot g}{\lVert m\odot g\rVert}`;
-    * ``normalize='full'`` (paper): :math:`\epsilon = \frac{1}{\beta}\, m \odot
-      G(g)`; for the L2 ball :math:`\frac{\rho}{\beta} \frac{m\odot g}{\lVert
-      g\rVert}`, whose expectation over the mask is SAM's perturbation exactly.
+    * ``normalize='full'`` (the paper, default): :math:`\epsilon = \frac{1}{\beta}\,
+      m \odot G(g)`; for the L2 ball :math:`\frac{\rho}{\beta} \frac{m\odot
+      g}{\lVert g\rVert}`, whose expectation over the mask is the wrapped
+      geometry's (SAM's) perturbation exactly;
+    * ``normalize='masked'`` (the official code): :math:`\epsilon =
+      \frac{1}{\beta} G(m \odot g)`, the geometry applied to the masked
+      gradient; for the L2 ball :math:`\frac{\rho}{\beta} \frac{m\odot
+      g}{\lVert m\odot g\rVert}`, of norm :math:`\rho / \beta` whatever the
+      mask (biased: its expectation is larger than SAM's perturbation).
 
     ``beta = 1`` is the wrapped geometry. The same mask is used by every
     m-sharpness shard of a step; the key lives in the state (reproducible from
@@ -74,7 +77,7 @@ def stochastic(
       geometry: the ascent geometry to sparsify (e.g. ``l2(rho)``).
       beta: probability that a weight (tensor) is perturbed, ``0 < beta <= 1``.
       granularity: ``'tensor'`` or ``'coordinate'``.
-      normalize: ``'masked'`` or ``'full'`` (see above).
+      normalize: ``'full'`` (paper) or ``'masked'`` (official code), see above.
       seed: integer seed of the mask sequence.
 
     Returns:
