@@ -138,9 +138,10 @@ def test_sam_inside_lookahead_by_hand(momentum):
     assert_trees_close(trace, buf, rtol=1e-5, atol=1e-6)
 
 
-def test_lookahead_k1_alpha1_is_inner_optimizer():
+@pytest.mark.parametrize("momentum", ["none", "pullback"])
+def test_lookahead_k1_alpha1_is_inner_optimizer(momentum):
     inner = optax.adam(1e-2)
-    la = averaging.lookahead(inner, sync_period=1, slow_step_size=1.0, momentum="pullback")
+    la = averaging.lookahead(inner, sync_period=1, slow_step_size=1.0, momentum=momentum)
     p1 = p2 = P0
     s1, s2 = la.init(P0), inner.init(P0)
     for b in BATCHES:
@@ -165,6 +166,24 @@ def test_lookahead_agrees_with_optax_lookahead():
         lp = optax.apply_updates(lp, lu)
     assert_trees_close(p, lp.fast, rtol=1e-6, atol=1e-7)
     assert_trees_close(averaging.lookahead_slow_params(s), lp.slow, rtol=1e-6, atol=1e-7)
+
+
+def test_lookahead_reset_zeroes_adams_first_moment_only():
+    k = 2
+    la = averaging.lookahead(optax.adam(1e-2), sync_period=k, slow_step_size=0.5, momentum="reset")
+    inner = optax.adam(1e-2)
+    p, s = P0, la.init(P0)
+    q, si = P0, inner.init(P0)
+    for t, b in enumerate(BATCHES[:k], start=1):
+        u, s = la.update(GRAD(p, b), s, p)
+        p = optax.apply_updates(p, u)
+        ui, si = inner.update(GRAD(q, b), si, q)  # same fast trajectory up to the first sync
+        q = optax.apply_updates(q, ui)
+    adam = s.inner_state[0]
+    assert all(np.all(np.asarray(x) == 0) for x in jax.tree.leaves(adam.mu))
+    assert_trees_close(adam.nu, si[0].nu, rtol=1e-6, atol=1e-12)  # second moments untouched
+    assert int(adam.count) == k  # and the bias-correction count too
+    assert any(np.any(np.asarray(x) != 0) for x in jax.tree.leaves(si[0].mu))
 
 
 def test_lookahead_momentum_options_need_buffers():

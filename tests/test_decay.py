@@ -71,9 +71,15 @@ def test_sgdw_is_algorithm_1():
     assert_trees_close(got, algorithm_1(0.1, 0.9, 0.02, ETA), rtol=1e-5, atol=1e-6)
 
 
-def test_adamw_is_algorithm_2():
-    got = run(decay.adamw(0.01, weight_decay=0.03, schedule_multiplier=ETA))
-    assert_trees_close(got, algorithm_2(0.01, 0.03, ETA), rtol=1e-5, atol=1e-6)
+@pytest.mark.parametrize("eps", [1e-8, 1e-2])
+def test_adamw_is_algorithm_2(eps):
+    # eps = 1e-2 is of the size of sqrt(v_hat) here, so its place (outside the square root,
+    # line 12) matters far beyond the tolerance
+    got = run(decay.adamw(0.01, eps=eps, weight_decay=0.03, schedule_multiplier=ETA))
+    assert_trees_close(got, algorithm_2(0.01, 0.03, ETA, eps=eps), rtol=1e-5, atol=1e-6)
+    if eps > 1e-3:
+        inside = run(decay.adamw(0.01, eps=0.0, eps_root=eps ** 2, weight_decay=0.03, schedule_multiplier=ETA))
+        assert dist(got, inside) > 1e-3
 
 
 def test_adamw_equals_optax_adamw_with_converted_weight_decay():

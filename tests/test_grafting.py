@@ -105,7 +105,7 @@ def test_difflr_learning_rates():
 def test_filter_grafting_trains_k_sam_networks_and_grafts_every_n_steps():
     k, every, steps, a, c = 3, 2, 4, 0.4, 50.0
     lrs = averaging.grafting_learning_rates(0.2, k)
-    inner = sam_optax.sam(optax.inject_hyperparams(optax.sgd)(learning_rate=0.2))
+    inner = sam_optax.sam(optax.inject_hyperparams(optax.sgd)(learning_rate=0.2, momentum=0.9))
     tx = averaging.filter_grafting(inner, every, a, c)
     params = averaging.replicate(make_params(), k)  # same start; different data and rates
     state = tx.init(params)
@@ -124,10 +124,12 @@ def test_filter_grafting_trains_k_sam_networks_and_grafts_every_n_steps():
         params, state = step(params, state, tmap(lambda *xs: jnp.stack(xs), *[d[t] for d in data]))
 
     nets = [make_params() for _ in range(k)]
+    bufs = [tmap(jnp.zeros_like, n) for n in nets]  # each network's momentum: never grafted
     for t in range(1, steps + 1):
         for i in range(k):
             _, gp = sam_grads_by_hand(nets[i], data[i][t - 1], RHO)
-            nets[i] = tmap(lambda w, g: w - lrs[i] * g, nets[i], gp)
+            bufs[i] = tmap(lambda m, g: g + 0.9 * m, bufs[i], gp)
+            nets[i] = tmap(lambda w, m: w - lrs[i] * m, nets[i], bufs[i])
         if t % every == 0:
             grafted = graft_by_hand(tmap(lambda *xs: jnp.stack(xs), *nets), a, c)
             nets = [tmap(lambda x: x[i], grafted) for i in range(k)]

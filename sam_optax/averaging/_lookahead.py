@@ -86,6 +86,12 @@ def lookahead(
       :math:`m_{cached} \leftarrow m`, where :math:`m_{cached}` is the buffer saved
       at the previous synchronization (zeros at first).
 
+      The cache is a copy. (The official code caches a reference to the live
+      torch buffer, which SGD then updates in place, so from the second
+      synchronization on its ``m_cached`` is the current ``m`` and its pullback
+      only scales the momentum by :math:`\alpha(2-\alpha)`; this is the rule as
+      the code's comments and the option's name describe it.)
+
     "Momentum" means the inner-state leaves under a ``NamedTuple`` field named in
     ``momentum_fields`` (default ``trace`` of SGD momentum and ``mu`` of Adam-type
     first moments; see :func:`momentum_leaves`). The official code only handles
@@ -107,7 +113,9 @@ def lookahead(
       inner: the fast optimizer :math:`A`, e.g. a SAM-family rule.
       sync_period: :math:`k \ge 1` (official default 5; the paper uses 5 or 10).
       slow_step_size: :math:`\alpha \in [0, 1]` (official default 0.8; the paper
-        also uses 0.5). ``k = 1, alpha = 1`` is the inner optimizer.
+        also uses 0.5). ``k = 1, alpha = 1`` is the inner optimizer (with
+        ``momentum="none"`` or ``"pullback"``; ``"reset"`` zeroes the momentum
+        at every step then).
       momentum: ``"none"``, ``"reset"`` or ``"pullback"``.
       momentum_fields: names of the inner-state fields holding momentum.
 
