@@ -12,6 +12,7 @@ from typing import Sequence
 from sam_optax._argtypes import fraction as _fraction
 from sam_optax._argtypes import nonneg_float as _nonneg_float
 from sam_optax._argtypes import positive_int as _positive_int
+from sam_optax._argtypes import seed as _seed
 
 
 # --------------------------------------------------------------------------------------------
@@ -28,7 +29,7 @@ def _plot_compare(results: list, path: str, title: str) -> None:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     for r in results:
         epochs, accs = zip(*r["curve"])
-        ax1.plot(epochs, accs, label=r["method"])
+        ax1.plot(epochs, accs, label=r["method"], marker="o" if len(epochs) < 15 else None)
     ax1.set_xlabel("epoch")
     ax1.set_ylabel("test accuracy (clean labels)")
     ax1.set_title("test accuracy during training")
@@ -46,6 +47,17 @@ def _plot_compare(results: list, path: str, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _finite(x):
+    """The payload with NaN / inf numbers as None (strict JSON)."""
+    if isinstance(x, float):
+        return x if x == x and abs(x) != float("inf") else None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
 
 
 def compare(args: argparse.Namespace) -> int:
@@ -69,9 +81,13 @@ def compare(args: argparse.Namespace) -> int:
     lines = [header, "-" * len(header)]
     for r in results:
         lam = "-" if r["lambda_max"] is None else f"{r['lambda_max']:.3f}"
+        if r.get("lambda_max_converged") is False:
+            lam += "*"  # power iteration stopped at max_iterations before its tolerance
         sh = "-" if r["sharpness"] is None else f"{r['sharpness']:.4f}"
         lines.append(f"{r['method']:<13} {r['test_accuracy']:>9.4f} {r['train_loss']:>11.4f} {lam:>11} {sh:>10} "
                      f"{r['steps_per_second']:>9.1f}")
+    if any(r.get("lambda_max_converged") is False for r in results):
+        lines.append("* power iteration did not reach its tolerance (1e-3) in 50 Hessian-vector products")
     print("\n".join(lines))
     payload = {
         "dataset": args.dataset, "model": args.model, "epochs": args.epochs, "batch_size": args.batch_size,
@@ -80,7 +96,7 @@ def compare(args: argparse.Namespace) -> int:
     }
     json_path = os.path.join(args.out, "results.json")
     with open(json_path, "w") as f:
-        json.dump(payload, f, indent=2)
+        json.dump(_finite(payload), f, indent=2, allow_nan=False)
     png_path = os.path.join(args.out, "accuracy.png")
     _plot_compare(results, png_path, f"{args.dataset}, {args.model}, label noise {args.label_noise:.0%}, "
                                      f"seed {args.seed}")
@@ -132,13 +148,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=128)
     p.add_argument("--m", type=_positive_int, default=None, help="m-sharpness shard size (default: the batch)")
     p.add_argument("--lr", type=_nonneg_float, default=0.05, help="peak learning rate of SGD (cosine schedule)")
-    p.add_argument("--rho", type=_nonneg_float, default=0.05, help="SAM radius (ASAM uses 10x, Fisher 2x)")
+    p.add_argument("--rho", type=_nonneg_float, default=0.05,
+                   help="radius of sam, wsam, gsam (rho_max), esam, looksam and their averaged variants "
+                        "(asam and fisher keep their papers' 0.5 and 0.1)")
     p.add_argument("--label-noise", type=_fraction, default=0.0, help="symmetric label noise rate in [0, 1)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--out", default=os.path.join("sam_optax_runs", "compare"), help="output folder")
     p.add_argument("--no-hessian", action="store_true", help="skip the Hessian lambda_max")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=compare)
+    p.set_defaults(func=compare, subparser=p)
 
     t = sub.add_parser("toy", help="the WSAM paper's 2-D toy (Fig. 2): trajectories on the contour plot",
                        description="SAM and WSAM (gamma 0.6 and 0.95, coupled and decoupled) on the 2-D toy loss "
@@ -147,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=_nonneg_float, default=5.0)
     t.add_argument("--rho", type=_nonneg_float, default=2.0)
     t.add_argument("--out", default=os.path.join("sam_optax_runs", "toy"), help="output folder")
-    t.set_defaults(func=toy)
+    t.set_defaults(func=toy, subparser=t)
 
     b = sub.add_parser("bench", help="time a training step of every method (ratios to the base step)",
                        description="The step-cost benchmark: median step time of every method on a small MLP and "
@@ -167,9 +185,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return benchmarking.launch(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
+    out = getattr(args, "out", None)
+    sub = args.subparser  # errors in a subcommand's arguments are reported with its usage
     if args.command == "compare":
         if args.m is not None and args.batch_size % args.m:
-            parser.error(f"--m {args.m} must divide --batch-size {args.batch_size}")
+            sub.error(f"argument --m: {args.m} must divide --batch-size {args.batch_size}")
+    if out is not None and os.path.exists(out) and not os.path.isdir(out):
+        sub.error(f"argument --out: {out!r} is a file, not a folder")
     try:
         return args.func(args)
     except KeyboardInterrupt:  # pragma: no cover - interactive

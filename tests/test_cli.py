@@ -28,8 +28,13 @@ def test_bench_help_runs_its_own_parser():
         (["compare", "--epochs", "0"], "must be an integer >= 1"),
         (["compare", "--methods", "nope"], "invalid choice"),
         (["compare", "--label-noise", "1.5"], "must be in [0, 1)"),
-        (["compare", "--m", "5"], "--m 5 must divide --batch-size 128"),
+        (["compare", "--m", "5"], "sam-optax compare: error: argument --m: 5 must divide --batch-size 128"),
         (["compare", "--lr", "fast"], "must be a number >= 0"),
+        (["compare", "--lr", "inf"], "argument --lr: must be a finite number >= 0"),
+        (["compare", "--rho", "nan"], "argument --rho: must be a finite number >= 0"),
+        (["compare", "--seed", "-1"], "argument --seed: must be an integer in [0, 2**32 - 1]"),
+        (["compare", "--out", __file__], "argument --out:"),
+        (["toy", "--out", __file__], "argument --out:"),
         (["toy", "--steps", "-3"], "must be an integer >= 1"),
         (["frobnicate"], "invalid choice"),
         ([], "required"),
@@ -66,6 +71,7 @@ def test_compare_small_run(tmp_path, capsys):
     assert [r["method"] for r in payload["results"]] == ["sgd", "sam", "esam", "swa"]
     for r in payload["results"]:
         assert 0.3 < r["test_accuracy"] <= 1.0 and r["lambda_max"] > 0 and r["steps_per_second"] > 0
+        assert 0 < r["train_loss"] < 2.0
         assert len(r["curve"]) == 2
     assert payload["label_noise"] == 0.2
     assert (tmp_path / "accuracy.png").stat().st_size > 10_000
@@ -74,8 +80,12 @@ def test_compare_small_run(tmp_path, capsys):
 def test_toy_reproduces_the_wsam_figure(tmp_path, capsys):
     assert cli.main(["toy", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    rows = {line[:28].strip(): line.split()[-1] for line in out.splitlines() if line.startswith(("SAM", "WSAM"))}
-    assert rows["SAM"] == "sharp" and rows["WSAM coupled gamma=0.6"] == "sharp"
-    assert rows["WSAM coupled gamma=0.95"] == "flat"
-    assert rows["WSAM decoupled gamma=0.95"] == "sharp"
+    rows = {line[:28].strip(): line.split()[-3:] for line in out.splitlines() if line.startswith(("SAM", "WSAM"))}
+    assert rows["SAM"][2] == "sharp" and rows["WSAM coupled gamma=0.6"][2] == "sharp"
+    assert rows["WSAM coupled gamma=0.95"][2] == "flat"
+    assert rows["WSAM decoupled gamma=0.95"][2] == "sharp"
+    # end points as in the figure: the sharp minimum (-16.8, 12.8) and the flat one (19.8, 29.9)
+    for label, (mu, sigma) in [("SAM", (-16.8, 12.8)), ("WSAM coupled gamma=0.6", (-16.8, 12.8)),
+                               ("WSAM coupled gamma=0.95", (19.8, 29.9))]:
+        assert abs(float(rows[label][0]) - mu) < 0.3 and abs(float(rows[label][1]) - sigma) < 0.3, rows[label]
     assert (tmp_path / "wsam_toy.png").stat().st_size > 10_000

@@ -260,7 +260,9 @@ def test_hessian_metrics_under_shard_map_equal_single_device():
         hv = metrics.hessian_vector_product(loss_fn, params, v, batch, axis_name=axis_name)
         pi = metrics.power_iteration(loss_fn, params, batch, tol=1e-6, max_iterations=40, **kw)
         top = metrics.top_k_eigenvalues(loss_fn, params, batch, 3, num_steps=20, **kw)
-        return hv, pi.eigenvalue, pi.iterations, top
+        tr = metrics.hutchinson_trace(loss_fn, params, batch, num_probes=16, **kw)
+        dens = metrics.spectral_density(loss_fn, params, batch, num_steps=12, num_runs=2, **kw)
+        return hv, pi.eigenvalue, pi.iterations, top, tr.trace, dens.density
 
     sharded = jax.jit(
         jax.shard_map(body, mesh=mesh, in_specs=(P(), P("data"), P(), P()), out_specs=P(), check_vma=True)
@@ -272,6 +274,13 @@ def test_hessian_metrics_under_shard_map_equal_single_device():
     np.testing.assert_allclose(sharded[1], single[1], rtol=1e-4)
     np.testing.assert_allclose(sharded[3], single[3], rtol=1e-4)
     np.testing.assert_allclose(sharded[3][0], np.linalg.eigvalsh(h)[-1], rtol=1e-3)
+    np.testing.assert_allclose(sharded[4], single[4], rtol=1e-4)  # the same probes, the full-batch Hessian
+    np.testing.assert_allclose(sharded[5], single[5], rtol=1e-3, atol=1e-6)
+    # m-sharpness inside the user's shard_map: each device's 8 examples are one shard
+    f = metrics.m_sharpness(loss_fn, sam_optax.geometry.l2(0.1), axis_name="data")
+    value = jax.jit(jax.shard_map(lambda p, b: f(p, b).sharpness, mesh=mesh, in_specs=(P(), P("data")),
+                                  out_specs=P(), check_vma=True))(MLP, batch)
+    np.testing.assert_allclose(value, sharpness_by_hand(MLP, batch, 0.1, 8), rtol=1e-4)
 
 
 # --------------------------------------------------------------------------

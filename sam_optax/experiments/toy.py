@@ -93,7 +93,8 @@ def plot(trajectories: list[Trajectory], path: str) -> None:
     ax.plot(*FLAT_MIN, "k*", ms=12)
     ax.set_xlabel("mu")
     ax.set_ylabel("sigma")
-    ax.set_title("WSAM toy (Yue et al. 2023, Fig. 2): 150 SGDM steps from (-6, 10)")
+    steps = len(trajectories[0].points) - 1 if trajectories else 0
+    ax.set_title(f"WSAM toy (Yue et al. 2023, Fig. 2): {steps} SGDM steps from {tuple(START)}")
     ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

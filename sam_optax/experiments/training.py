@@ -28,6 +28,7 @@ class RunResult:
     seconds: float
     curve: list  # [(epoch, test accuracy)]
     sharpness: Optional[float] = None  # first-order sharpness L(w + rho g/|g|) - L(w) on the eval subset
+    lambda_max_converged: Optional[bool] = None  # power iteration reached its tolerance
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -133,18 +134,18 @@ def train_method(
     eval_params = recipe.eval_params(params, get_opt_state(state))
     full = {"x": jnp.asarray(data.x_train), "y": jnp.asarray(data.y_train)}
     train_loss = float(jax.jit(loss_fn)(eval_params, full))
-    lam, sharp = None, None
+    lam, sharp, converged = None, None, None
     if hessian:
         sub = jax.tree.map(lambda a: a[:hessian_examples], full)
         res = sam_optax.metrics.power_iteration(loss_fn, eval_params, sub, key=jax.random.PRNGKey(seed),
                                                 tol=1e-3, max_iterations=50)
-        lam = float(res.eigenvalue)
+        lam, converged = float(res.eigenvalue), bool(res.converged)
         radius = hp.rho if sharpness_rho is None else sharpness_rho
         out = sam_optax.sharpness_aware_grad(loss_fn, sam_optax.geometry.l2(radius))(eval_params, sub)
         sharp = float(out.perturbed_loss - out.loss)
     return RunResult(
         method=method, seed=seed, test_accuracy=curve[-1][1], train_loss=train_loss, lambda_max=lam,
         steps_per_second=timed_steps / max(train_seconds, 1e-9), seconds=time.perf_counter() - t_start, curve=curve,
-        sharpness=sharp,
+        sharpness=sharp, lambda_max_converged=converged,
     )
 
