@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -23,29 +24,43 @@ def free_port():
         return s.getsockname()[1]
 
 
+DEADLINE_S = 240  # for both workers together
+
+
 @pytest.fixture(scope="module")
 def two_process_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("multihost")
     env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")  # no 8 forced devices: 2 per process
     port = str(free_port())
-    procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "multihost_worker.py"), str(i), "2", port, "2",
-                               str(out)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for i in range(2)]
-    logs = []
+    procs, logs = [], [out / f"worker{i}.log" for i in range(2)]
+    deadline = time.monotonic() + DEADLINE_S
     try:
+        for i in range(2):  # output to files: a full pipe can never block a worker
+            with open(logs[i], "w") as log:
+                procs.append(subprocess.Popen(
+                    [sys.executable, os.path.join(HERE, "multihost_worker.py"), str(i), "2", port, "2", str(out)],
+                    env=env, stdout=log, stderr=subprocess.STDOUT))
         for p in procs:
-            stdout, _ = p.communicate(timeout=240)
-            logs.append(stdout)
+            p.wait(timeout=max(1.0, deadline - time.monotonic()))
     except subprocess.TimeoutExpired:
-        pytest.fail("multi-host workers timed out")
+        pytest.fail(f"multi-host workers still running after {DEADLINE_S} s:\n" + tails(logs))
     finally:
         for p in procs:  # never leave a process behind
             if p.poll() is None:
                 p.kill()
                 p.wait()
-    for p, log in zip(procs, logs):
-        assert p.returncode == 0, log[-3000:]
+    for p in procs:
+        assert p.returncode == 0, tails(logs)
     return out
+
+
+def tails(logs):
+    return "\n".join(f"--- {log.name}:\n{log.read_text()[-3000:]}" for log in logs if log.exists())
+
+
+def load(out, name, process):
+    got = np.load(out / f"{name}.p{process}.npz")
+    return [got[str(i)] for i in range(len(got.files))]
 
 
 @pytest.mark.parametrize("name", RUNS)
@@ -53,17 +68,32 @@ def test_two_processes_equal_one_process_with_the_same_devices(name, two_process
     if jax.device_count() < 4:
         pytest.skip("needs 4 local devices for the reference")
     ref = run(name, distributed.data_mesh(devices=jax.devices()[:4]))
-    got = np.load(two_process_results / f"{name}.npz")
     leaves = jax.tree.leaves(ref)
-    assert len(got.files) == len(leaves)
-    for i, x in enumerate(leaves):
-        np.testing.assert_allclose(got[str(i)], np.asarray(x), rtol=1e-5, atol=1e-6)
+    for process in range(2):  # each process's replica of the params
+        got = load(two_process_results, name, process)
+        assert len(got) == len(leaves)
+        for g, x in zip(got, leaves):
+            np.testing.assert_allclose(g, np.asarray(x), rtol=1e-5, atol=1e-6)
 
 
 def test_per_device_perturbations_differ_from_global_sam(two_process_results):
     if jax.device_count() < 4:
         pytest.skip("needs 4 local devices for the reference")
-    got = np.load(two_process_results / "sam.npz")
+    got = load(two_process_results, "sam", 0)
     global_sam = jax.tree.leaves(run("sam", distributed.data_mesh(devices=jax.devices()[:1])))
-    diff = max(float(np.max(np.abs(got[str(i)] - np.asarray(x)))) for i, x in enumerate(global_sam))
+    diff = max(float(np.max(np.abs(g - np.asarray(x)))) for g, x in zip(got, global_sam))
     assert diff > 1e-4  # 4 shards of 16, each with its own perturbation, is not SAM on 64
+
+
+def test_distributed_helpers_in_one_process():
+    """With one process the local data is the whole global batch; shardings as documented."""
+    mesh = distributed.data_mesh()
+    assert mesh.axis_names == ("data",) and mesh.devices.size == jax.device_count()
+    x = np.arange(8.0 * jax.device_count()).reshape(-1, 2)
+    batch = distributed.global_batch({"x": x}, mesh)
+    np.testing.assert_array_equal(np.asarray(batch["x"]), x)
+    assert batch["x"].sharding.spec == jax.sharding.PartitionSpec("data")
+    assert len({str(s.index) for s in batch["x"].addressable_shards}) == jax.device_count()  # split, not copied
+    params = distributed.replicate({"w": np.ones(3)}, mesh)
+    assert params["w"].sharding.is_fully_replicated
+    np.testing.assert_array_equal(distributed.to_host(params)["w"], np.ones(3))
