@@ -5,9 +5,11 @@ start ``python -m sam_optax.benchmarking`` in a fresh process). For each model
 (a small MLP and a small CNN, Flax Linen) and a fixed batch, every method's
 jitted training step (two-pass helper + rule + ``optax.apply_updates``, params
 and optimizer state donated) is compiled, warmed up, and then timed in
-interleaved rounds, so that all methods see the same machine state; the median
-over rounds is reported. Ratios are to the base optimizer's step and to
-``optax.contrib.sam`` per SAM update. Peak memory comes from XLA's compiled
+interleaved rounds (in a new random order each round), so that all methods see the same machine
+state. A ratio
+is the median over rounds of the ratio of the two methods' times within a
+round (paired, so slow drifts of the machine cancel); ratios are to the base
+optimizer's step, to SAM and to ``optax.contrib.sam`` per SAM update. Peak memory comes from XLA's compiled
 memory analysis of each step (inputs + temporaries + non-aliased outputs).
 
 On CPU the benchmark runs XLA single-threaded and pinned to one core by
@@ -107,21 +109,17 @@ def _methods(model, lr: float, rho: float, batch_size: int) -> list[Method]:
 
     methods.append(Method("base", jax.jit(plain, donate_argnums=(0, 1)), base.init))
 
-    def sharpness_step(tx, sa_grad, looksam_flag=False):
-        # the "optimizer state" of a sharpness-aware step: (rule state, geometry state)
-        def step(params, state, batch):
-            opt_state, ascent_state = state
-            flag = sam_optax.looksam_full_step(opt_state) if looksam_flag else True
-            out = sa_grad(params, batch, ascent_state=ascent_state, second_pass=flag)
-            updates, opt_state = tx.update(out.grads, opt_state, params, perturbed_grads=out.perturbed_grads)
-            return optax.apply_updates(params, updates), (opt_state, out.ascent_state), out.loss
+    def make(name, tx, geo, lossf=loss, **kwargs):
+        init, step = sam_optax.sharpness_aware_step(lossf, tx, geo, **kwargs)
 
-        return step
+        def timed(params, state, batch):
+            params, state, out = step(params, state, batch)
+            return params, state, out.loss
 
-    def add(name, tx, geo, lossf=loss, **kwargs):
-        sa = sam_optax.sharpness_aware_grad(lossf, geo, **kwargs)
-        methods.append(Method(name, jax.jit(sharpness_step(tx, sa), donate_argnums=(0, 1)),
-                              lambda p: (tx.init(p), geo.init(p))))
+        return Method(name, jax.jit(timed, donate_argnums=(0, 1)), init)
+
+    def add(*args, **kwargs):
+        methods.append(make(*args, **kwargs))
 
     add("sam", sam_optax.sam(base), geometry.l2(rho))
     add("wsam", sam_optax.wsam(base, 0.9, learning_rate=lr), geometry.l2(rho))
@@ -133,13 +131,12 @@ def _methods(model, lr: float, rho: float, batch_size: int) -> list[Method]:
     add("sam_chunks_unroll", sam_optax.sam(base), geometry.l2(rho), m=batch_size // 8, chunk_mode="unroll")
 
     # LookSAM k=5: time a whole period (1 full step + 4 reuse steps) per call, two ways:
-    # the kind of step chosen inside jit by lax.cond, or two jitted steps chosen on the host.
+    # the kind of step chosen inside jit by lax.cond (sharpness_aware_step reads it from the
+    # LookSAM state), or two jitted steps chosen on the host (literal second_pass flags).
     k = 5
     look = sam_optax.looksam(base, k=k, alpha=0.7)
     look_geo = geometry.l2(rho)
-    look_init = lambda p: (look.init(p), look_geo.init(p))  # noqa: E731
-    sa = sam_optax.sharpness_aware_grad(loss, look_geo)
-    cond_step = jax.jit(sharpness_step(look, sa, looksam_flag=True), donate_argnums=(0, 1))
+    cond = make("looksam", look, look_geo)
 
     def period(one_step):
         def run_period(params, opt_state, batch):
@@ -149,14 +146,15 @@ def _methods(model, lr: float, rho: float, batch_size: int) -> list[Method]:
 
         return run_period
 
-    methods.append(Method("looksam", period(cond_step), look_init, steps_per_call=k, jitted=cond_step))
+    methods.append(cond._replace(step=period(cond.step), steps_per_call=k, jitted=cond.step))
+    sa = sam_optax.sharpness_aware_grad(loss, look_geo)
 
     def host_step_fn(full):
         def step(params, state, batch):
-            opt_state, ascent_state = state
-            out = sa(params, batch, ascent_state=ascent_state, second_pass=full)
-            updates, opt_state = look.update(out.grads, opt_state, params, perturbed_grads=out.perturbed_grads)
-            return optax.apply_updates(params, updates), (opt_state, out.ascent_state), out.loss
+            out = sa(params, batch, ascent_state=state.ascent_state, second_pass=full)
+            updates, opt_state = look.update(out.grads, state.opt_state, params, perturbed_grads=out.perturbed_grads)
+            return (optax.apply_updates(params, updates), sam_optax.SharpnessAwareState(opt_state, out.ascent_state),
+                    out.loss)
 
         return jax.jit(step, donate_argnums=(0, 1))
 
@@ -168,7 +166,7 @@ def _methods(model, lr: float, rho: float, batch_size: int) -> list[Method]:
             params, opt_state, value = reuse_step(params, opt_state, batch)
         return params, opt_state, value
 
-    methods.append(Method("looksam_host", host_period, look_init, steps_per_call=k, jitted=full_step))
+    methods.append(Method("looksam_host", host_period, cond.init, steps_per_call=k, jitted=full_step))
 
     adv = optax.chain(optax.contrib.normalize(), optax.sgd(rho))
     opaque = optax.contrib.sam(base, adv, sync_period=2, opaque_mode=True)
@@ -261,8 +259,11 @@ def run(
                               "bytes_accessed": float(cost.get("bytes accessed", 0.0))}
             if progress:
                 print(f"[{model_name}] compiled {mth.name:<20} {compile_s:6.2f} s", flush=True)
+        order_rng = np.random.default_rng(seed)
         for r in range(rounds):
-            for mth in methods:
+            # a new order every round: no method always runs right after the same other one
+            for i in order_rng.permutation(len(methods)):
+                mth = methods[i]
                 params, opt_state = state[mth.name]
                 t0 = time.perf_counter()
                 for _ in range(steps_per_round):
@@ -273,25 +274,27 @@ def run(
                 state[mth.name] = (params, opt_state)
             if progress:
                 print(f"[{model_name}] round {r + 1}/{rounds}", flush=True)
-        base_t = statistics.median(info["base"]["times"])
-        contrib_t = statistics.median(info["contrib_opaque"]["times"])
+        def paired(name, ref):
+            """Median over rounds of the ratio within each round (cancels drift between rounds)."""
+            return statistics.median(a / b for a, b in zip(info[name]["times"], info[ref]["times"]))
+
         base_peak = info["base"]["memory"].get("peak_bytes")
         table = {}
         for mth in methods:
-            t = statistics.median(info[mth.name]["times"])
             peak = info[mth.name]["memory"].get("peak_bytes")
             table[mth.name] = {
-                "median_step_ms": 1e3 * t,
-                "ratio_to_base": t / base_t,
-                "ratio_to_contrib_opaque": t / contrib_t,
+                "median_step_ms": 1e3 * statistics.median(info[mth.name]["times"]),
+                "ratio_to_base": paired(mth.name, "base"),
+                "ratio_to_sam": paired(mth.name, "sam"),
+                "ratio_to_contrib_opaque": paired(mth.name, "contrib_opaque"),
                 "compile_s": info[mth.name]["compile_s"],
                 "flops": info[mth.name]["flops"],
                 "bytes_accessed": info[mth.name]["bytes_accessed"],
                 "peak_bytes": peak,
                 "extra_peak_over_base_in_param_bytes": None if peak is None or base_peak is None
                 else (peak - base_peak) / param_bytes,
+                "times_ms": [1e3 * t for t in info[mth.name]["times"]],
             }
-        sam_t = table["sam"]["median_step_ms"]
         checks = {}
         for key, (op, limit, ref) in TARGETS.items():
             if key == "sam_vs_contrib":
@@ -299,7 +302,7 @@ def run(
             elif key == "sam_extra_memory":
                 value = table["sam"]["extra_peak_over_base_in_param_bytes"]
             elif ref == "sam":
-                value = table[key]["median_step_ms"] / sam_t
+                value = table[key]["ratio_to_sam"]
             else:
                 value = table[key]["ratio_to_base"]
             checks[key] = {"value": value, "target": f"{op} {limit} x {ref}", "met": bool(value <= limit)}
@@ -340,8 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sam-optax bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-size", type=_positive_int, default=128)
-    parser.add_argument("--rounds", type=_positive_int, default=20)
-    parser.add_argument("--steps-per-round", type=_positive_int, default=5)
+    parser.add_argument("--rounds", type=_positive_int, default=30)
+    parser.add_argument("--steps-per-round", type=_positive_int, default=20)
     parser.add_argument("--models", nargs="+", choices=("mlp", "cnn"), default=["mlp", "cnn"])
     parser.add_argument("--threads", choices=("one", "all"), default="one",
                         help="CPU: one pinned XLA thread (default, stable ratios) or XLA's default threads")
