@@ -6,14 +6,18 @@ import argparse
 import math
 
 
-def positive_int(text: str) -> int:
+def _int_in(text: str, low: int, high: float, allowed: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
+        raise argparse.ArgumentTypeError(f"must be {allowed}, got {text!r}") from None
+    if not low <= value <= high:
+        raise argparse.ArgumentTypeError(f"must be {allowed}, got {text}")
     return value
+
+
+def positive_int(text: str) -> int:
+    return _int_in(text, 1, math.inf, "an integer >= 1")
 
 
 def nonneg_float(text: str) -> float:
@@ -27,13 +31,7 @@ def nonneg_float(text: str) -> float:
 
 
 def seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**32 - 1], got {text!r}") from None
-    if not 0 <= value < 2 ** 32:
-        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**32 - 1], got {text}")
-    return value
+    return _int_in(text, 0, 2 ** 32 - 1, "an integer in [0, 2**32 - 1]")
 
 
 def fraction(text: str) -> float:

@@ -93,3 +93,14 @@ def train(tx, geo, params, batch_list, *, m=None, loss=None, **sa_kwargs):
     for b in batch_list:
         params, state, ascent = step(params, state, ascent, b)
     return params, state
+
+
+def looksam_direction_by_hand(g, gp, t, k, alpha, g_v):
+    """LookSAM (Liu et al. 2022, Alg. 1) at step t: (what the base optimizer sees, the stored g_v).
+
+    Full steps (t % k == 0) see g_pert and store its part orthogonal to g; the others see
+    g + alpha ||g|| / ||g_v|| g_v."""
+    vdot = lambda a, b: sum(jnp.sum(x * y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))  # noqa: E731
+    if t % k == 0:
+        return gp, tmap(lambda s, c: s - vdot(g, gp) / vdot(g, g) * c, gp, g)
+    return tmap(lambda c, v: c + alpha * tree_norm(g) / tree_norm(g_v) * v, g, g_v), g_v

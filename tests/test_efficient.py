@@ -13,7 +13,8 @@ from sam_optax import geometry
 from sam_optax.data import sharpness_sensitive
 from sam_optax.geometry._stochastic import sample_mask
 from helpers import (
-    assert_trees_close, batches, loss_fn, make_batch, make_params, per_example_loss, sam_grads_by_hand, tmap,
+    assert_trees_close, batches, loss_fn, looksam_direction_by_hand, make_batch, make_params, per_example_loss,
+    sam_grads_by_hand, tmap,
     train, tree_norm,
 )
 
@@ -238,11 +239,7 @@ def test_looksam_reuse_steps_by_hand():
     w, mom, g_v = P0, tmap(jnp.zeros_like, P0), None
     for t, b in enumerate(data):
         g, gp = sam_grads_by_hand(w, b, RHO)
-        if t % k == 0:
-            g_v = tmap(lambda s, c: s - vdot(g, gp) / vdot(g, g) * c, gp, g)
-            d = gp
-        else:
-            d = tmap(lambda c, v: c + alpha * tree_norm(g) / tree_norm(g_v) * v, g, g_v)
+        d, g_v = looksam_direction_by_hand(g, gp, t, k, alpha, g_v)
         mom = tmap(lambda mi, di: di + beta * mi, mom, d)
         w = tmap(lambda wi, mi: wi - lr * mi, w, mom)
     assert_trees_close(got, w, rtol=1e-5, atol=1e-6)

@@ -133,12 +133,11 @@ def test_training_under_mesh_equals_single_device_chunks():
 
 def esam_looksam_by_hand(batches, beta, gamma, k, alpha=0.7, lr=0.1, momentum=0.9, seed=0, m=8):
     """ESAM (SWP per coordinate, paper normalization; SDS) + LookSAM(SGD momentum), per-chunk loop."""
-    from helpers import per_example_loss
+    from helpers import looksam_direction_by_hand, per_example_loss
     from sam_optax.geometry._stochastic import sample_mask
 
     w, mom, g_v = P0, tmap(jnp.zeros_like, P0), None
     key = jax.random.PRNGKey(seed)
-    vdot = lambda a, b: sum(jnp.sum(x * y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))  # noqa: E731
     for t, batch in enumerate(batches):
         key, sub = jax.random.split(key)
         mask = sample_mask(sub, P0, beta, "coordinate")  # one mask per step, shared by the shards
@@ -151,13 +150,8 @@ def esam_looksam_by_hand(batches, beta, gamma, k, alpha=0.7, lr=0.1, momentum=0.
             idx = np.argsort(-rise, kind="stable")[:int(gamma * m)]  # the top gamma fraction
             gps.append(jax.grad(loss_fn)(pert, jax.tree.map(lambda a: a[idx], chunk)))
             gs.append(g)
-        g = tmap(lambda *xs: sum(xs) / len(xs), *gs)
-        if t % k == 0:  # full LookSAM step: SAM gradient, store the sharpness direction
-            gp = tmap(lambda *xs: sum(xs) / len(xs), *gps)
-            g_v = tmap(lambda s, c: s - vdot(g, gp) / vdot(g, g) * c, gp, g)
-            d = gp
-        else:
-            d = tmap(lambda c, v: c + alpha * tree_norm(g) / tree_norm(g_v) * v, g, g_v)
+        mean = lambda ts: tmap(lambda *xs: sum(xs) / len(xs), *ts)  # noqa: E731
+        d, g_v = looksam_direction_by_hand(mean(gs), mean(gps), t, k, alpha, g_v)
         mom = tmap(lambda mi, di: di + momentum * mi, mom, d)
         w = tmap(lambda wi, mi: wi - lr * mi, w, mom)
     return w
