@@ -24,10 +24,6 @@ BATCH = make_batch(n=32)
 G = jax.grad(loss_fn)(P0, BATCH)
 
 
-def vdot(a, b):
-    return sum(jnp.sum(x * y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
-
-
 # ---- SWP ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("granularity", ["tensor", "coordinate"])
