@@ -109,11 +109,11 @@ def _methods(model, lr: float, rho: float, batch_size: int) -> list[Method]:
 
     methods.append(Method("base", jax.jit(plain, donate_argnums=(0, 1)), base.init))
 
-    def make(name, tx, geo, lossf=loss, **kwargs):
+    def make(name, tx, geo, lossf=loss, second_pass=None, **kwargs):
         init, step = sam_optax.sharpness_aware_step(lossf, tx, geo, **kwargs)
 
         def timed(params, state, batch):
-            params, state, out = step(params, state, batch)
+            params, state, out = step(params, state, batch, second_pass=second_pass)
             return params, state, out.loss
 
         return Method(name, jax.jit(timed, donate_argnums=(0, 1)), init)
@@ -147,18 +147,8 @@ def _methods(model, lr: float, rho: float, batch_size: int) -> list[Method]:
         return run_period
 
     methods.append(cond._replace(step=period(cond.step), steps_per_call=k, jitted=cond.step))
-    sa = sam_optax.sharpness_aware_grad(loss, look_geo)
-
-    def host_step_fn(full):
-        def step(params, state, batch):
-            out = sa(params, batch, ascent_state=state.ascent_state, second_pass=full)
-            updates, opt_state = look.update(out.grads, state.opt_state, params, perturbed_grads=out.perturbed_grads)
-            return (optax.apply_updates(params, updates), sam_optax.SharpnessAwareState(opt_state, out.ascent_state),
-                    out.loss)
-
-        return jax.jit(step, donate_argnums=(0, 1))
-
-    full_step, reuse_step = host_step_fn(True), host_step_fn(False)
+    full_step = make("looksam_full", look, look_geo, second_pass=True).step
+    reuse_step = make("looksam_reuse", look, look_geo, second_pass=False).step
 
     def host_period(params, opt_state, batch):
         params, opt_state, value = full_step(params, opt_state, batch)

@@ -36,7 +36,11 @@ def sharpness_aware_step(
     ``data_selection``, ...), ``tx.update(out.grads, ..., perturbed_grads=...)``
     and ``optax.apply_updates``; ``out`` is the :class:`SharpnessAwareGrads`
     (loss, clean-pass aux, ...). If the optimizer state holds a LookSAM state,
-    the second pass is skipped on its reuse steps. ``step`` is not jitted, so it
+    the second pass is skipped on its reuse steps (chosen at run time by
+    ``lax.cond``). ``step(..., second_pass=True / False)`` overrides that with a
+    literal flag, so two programs can be jitted and one picked on the host each
+    step (with LookSAM: ``sam_optax.looksam_full_step(state.opt_state)``); on
+    XLA:CPU this avoids running convolutions inside a conditional. ``step`` is not jitted, so it
     can be wrapped in ``jax.jit`` with donation, or called inside a larger step.
 
     Example::
@@ -54,10 +58,11 @@ def sharpness_aware_step(
     def init(params):
         return SharpnessAwareState(opt_state=tx.init(params), ascent_state=geometry.init(params))
 
-    def step(params, state, batch, *args):
-        full = optax.tree.get(state.opt_state, "looksam_full_step", None)
-        out = sa_grad(params, batch, *args, ascent_state=state.ascent_state,
-                      second_pass=True if full is None else full)
+    def step(params, state, batch, *args, second_pass=None):
+        if second_pass is None:  # LookSAM's own choice, else always
+            full = optax.tree.get(state.opt_state, "looksam_full_step", None)
+            second_pass = True if full is None else full
+        out = sa_grad(params, batch, *args, ascent_state=state.ascent_state, second_pass=second_pass)
         updates, opt_state = tx.update(out.grads, state.opt_state, params, perturbed_grads=out.perturbed_grads)
         return optax.apply_updates(params, updates), SharpnessAwareState(opt_state, out.ascent_state), out
 

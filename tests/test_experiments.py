@@ -45,3 +45,18 @@ def test_sharpness_aware_step_skips_looksam_reuse_steps_and_matches_the_explicit
     assert_trees_close(out.perturbed_grads, out.grads, rtol=1e-6, atol=1e-8)
     want, _ = train(sam_optax.looksam(optax.sgd(0.1, momentum=0.9), k=3), geometry.l2(0.1), make_params(), batches(5))
     assert_trees_close(p, want, rtol=1e-6, atol=1e-7)
+
+
+def test_sharpness_aware_step_literal_second_pass_chosen_on_the_host_equals_the_cond():
+    tx = lambda: sam_optax.looksam(optax.sgd(0.1, momentum=0.9), k=3)  # noqa: E731
+    init, step = sam_optax.sharpness_aware_step(loss_fn, tx(), geometry.l2(0.1))
+    full = jax.jit(lambda p, s, b: step(p, s, b, second_pass=True))
+    reuse = jax.jit(lambda p, s, b: step(p, s, b, second_pass=False))
+    for f in (full, reuse):  # literal flags: no conditional in either program
+        text = f.lower(make_params(), init(make_params()), batches(1)[0]).as_text()
+        assert "cond" not in text and "case" not in text
+    p, s = make_params(), init(make_params())
+    for b in batches(5):
+        p, s, out = (full if bool(sam_optax.looksam_full_step(s.opt_state)) else reuse)(p, s, b)
+    want, _ = train(tx(), geometry.l2(0.1), make_params(), batches(5))
+    assert_trees_close(p, want, rtol=1e-6, atol=1e-7)
