@@ -9,7 +9,8 @@ any base optax optimizer. A rule is written as a ``combine`` function:
 * ``state``: the rule's :class:`SharpnessRuleState` before this step;
 * ``base_grads``: the gradient the base optimizer sees;
 * ``post``: ``None`` or ``post(updates, new_inner_state) -> updates``, applied
-  to the base optimizer's updates (e.g. WSAM's decoupled sharpness step);
+  to the base optimizer's updates (e.g. WSAM's decoupled sharpness step; build
+  such a rule with ``has_post=True``);
 * ``extra``: the rule's new own state (or ``None``).
 
 ``g`` and ``g_pert`` come in at least float32; the base optimizer receives
@@ -33,12 +34,15 @@ class SharpnessRuleState(NamedTuple):
     """State of a combination rule.
 
     Attributes:
-      count: number of updates so far (for learning-rate schedules of the rule).
+      rule_count: number of updates so far (for learning-rate schedules of the
+        rule). Not named ``count``, so that
+        ``optax.tree_utils.tree_get(state, "count")`` still finds the base
+        optimizer's count (e.g. Adam's).
       inner_state: the base optimizer's state.
       extra: the rule's own state (``None`` for most rules).
     """
 
-    count: jax.Array  # shape=(), dtype=jnp.int32.
+    rule_count: jax.Array  # shape=(), dtype=jnp.int32.
     inner_state: Any
     extra: Any = None
 
@@ -48,6 +52,73 @@ MISSING_PERTURBED = (
     "tx.update(out.grads, opt_state, params, perturbed_grads=out.perturbed_grads) "
     "with out = sam_optax.sharpness_aware_grad(...)(params, batch)."
 )
+
+MISPLACED = (
+    "{name}: a transformation chained before the rule changed the clean gradient "
+    "but not the perturbed one (e.g. optax.chain(optax.clip_by_global_norm(c), rule), "
+    "optax.chain(optax.add_decayed_weights(wd), rule) or optax.MultiSteps(rule)). "
+    "Supported ways: put the piece inside the rule's base optimizer, e.g. "
+    "sam(optax.chain(optax.clip_by_global_norm(c), optax.sgd(lr))); clip both "
+    "gradients with the rule's max_norm=; apply it to both gradients with "
+    "sam_optax.rules.apply_to_both(pre, rule); accumulate gradients with "
+    "sam_optax.rules.accumulate(rule, k) instead of optax.MultiSteps; skip "
+    "non-finite steps with sam_optax.rules.skip_nonfinite(rule, n) instead of "
+    "optax.apply_if_finite."
+)
+
+
+def check_clean_grads(grads: Any, clean_grads: Any, name: str) -> None:
+    """Raises ``ValueError`` unless ``grads`` is, leaf by leaf, ``clean_grads``.
+
+    The check is by Python identity at trace time (no cost at run time): a
+    transformation chained before a rule that changes the clean gradient makes
+    new arrays (or tracers), one that passes it on (``optax.identity``,
+    ``optax.masked``, ``optax.multi_transform``, ``optax.inject_hyperparams``)
+    hands over the very same objects. ``clean_grads`` is first masked like
+    ``grads`` (``MaskedNode`` leaves are skipped), so a rule inside
+    ``optax.masked`` / ``optax.multi_transform`` can be given the full gradient.
+
+    Args:
+      grads: the gradient the rule (or wrapper) received as ``updates``.
+      clean_grads: ``None`` (no check) or the untouched clean gradient,
+        ``out.grads`` of :func:`sam_optax.sharpness_aware_grad`, passed in the
+        same trace.
+      name: the rule's name, for the error message.
+
+    Raises:
+      ValueError: if some leaf of ``grads`` is not the matching leaf of
+        ``clean_grads``.
+    """
+    if clean_grads is None:
+        return
+    try:
+        clean = _utils.mask_like(grads, clean_grads)
+    except (ValueError, TypeError) as e:
+        raise ValueError(
+            f"{name}: clean_grads must have the structure of the gradient given to the rule: {e}"
+        ) from e
+    got, want = jax.tree.leaves(grads), jax.tree.leaves(clean)
+    if len(got) != len(want) or any(a is not b for a, b in zip(got, want)):
+        raise ValueError(MISPLACED.format(name=name))
+
+
+def _is_multi_steps(x: Any) -> bool:
+    return isinstance(x, optax.MultiStepsState)
+
+
+def check_no_multi_steps(inner_state: Any, name: str) -> None:
+    """Raises ``ValueError`` if the base optimizer's state holds an ``optax.MultiStepsState``.
+
+    Used by rules with a ``post`` hook (decoupled WSAM): ``post`` runs on every
+    call, so inside ``optax.MultiSteps`` it would add its step on every micro-step.
+    """
+    if any(_is_multi_steps(x) for x in jax.tree.leaves(inner_state, is_leaf=_is_multi_steps)):
+        raise ValueError(
+            f"{name}: its base optimizer contains optax.MultiSteps, but this rule adds "
+            "its own step after the base optimizer's on every call (also on "
+            "accumulation micro-steps). Accumulate over the whole rule instead: "
+            f"sam_optax.rules.accumulate({name}(base, ...), every_k)."
+        )
 
 
 def clip_by_global_norm(tree: Any, max_norm: Any) -> Any:
@@ -65,39 +136,51 @@ def sharpness_rule(
     max_norm: Optional[float] = None,
     init_extra: Optional[Callable[[Any], Any]] = None,
     check_init: Optional[Callable[[Any], None]] = None,
+    has_post: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """Builds a combination rule around a base optimizer.
 
     Args:
       base: any optax ``GradientTransformation``; extra keyword arguments given
-        to the rule's ``update`` (other than ``perturbed_grads``) are forwarded
-        to it.
+        to the rule's ``update`` (other than ``perturbed_grads`` and
+        ``clean_grads``) are forwarded to it.
       combine: the rule (see the module docstring).
       name: the rule's name, for error messages.
       max_norm: if given, ``> 0``: both ``g`` and ``g_pert`` are clipped to this
         global norm before ``combine`` (as the official WSAM code's ``max_norm``).
       init_extra: ``params -> extra`` initial rule state.
       check_init: ``inner_state -> None``, may raise ``ValueError`` at init.
+      has_post: whether ``combine`` returns a ``post`` hook. Such a rule refuses
+        (``ValueError`` at init) a base optimizer containing ``optax.MultiSteps``,
+        since ``post`` would act on every micro-step.
 
     Returns:
       The corresponding :class:`optax.GradientTransformationExtraArgs`, whose
-      ``update(grads, state, params=None, *, perturbed_grads, **extra_args)``
-      takes the clean gradient as ``grads``.
+      ``update(grads, state, params=None, *, perturbed_grads, clean_grads=None,
+      **extra_args)`` takes the clean gradient as ``grads``. With
+      ``clean_grads`` (``out.grads``, as the library's steps pass it) it raises
+      ``ValueError`` if a transformation chained before the rule changed
+      ``grads`` (see :func:`check_clean_grads`).
     """
     if max_norm is not None:
         _utils.check_range("max_norm", max_norm, low=0.0, low_inclusive=False)
+    if not isinstance(has_post, bool):
+        raise ValueError(f"has_post must be a bool, got {has_post!r}.")
     base = optax.with_extra_args_support(base)
 
     def init_fn(params):
         inner = base.init(params)
+        if has_post:
+            check_no_multi_steps(inner, name)
         if check_init is not None:
             check_init(inner)
         extra = init_extra(params) if init_extra is not None else None
-        return SharpnessRuleState(count=jnp.zeros([], jnp.int32), inner_state=inner, extra=extra)
+        return SharpnessRuleState(rule_count=jnp.zeros([], jnp.int32), inner_state=inner, extra=extra)
 
-    def update_fn(updates, state, params=None, *, perturbed_grads=None, **extra_args):
+    def update_fn(updates, state, params=None, *, perturbed_grads=None, clean_grads=None, **extra_args):
         if perturbed_grads is None:
             raise ValueError(MISSING_PERTURBED.format(name=name))
+        check_clean_grads(updates, clean_grads, name)
         perturbed_grads = _utils.mask_like(updates, perturbed_grads)
         g = _utils.to_compute(updates)
         g_pert = _utils.to_compute(perturbed_grads)
@@ -105,12 +188,14 @@ def sharpness_rule(
             g = clip_by_global_norm(g, max_norm)
             g_pert = clip_by_global_norm(g_pert, max_norm)
         base_grads, post, extra = combine(g, g_pert, state, params)
+        if post is not None and not has_post:
+            raise ValueError(f"{name}: combine returned a post hook; build the rule with has_post=True.")
         base_grads = _utils.cast_like(base_grads, updates)
         new_updates, inner = base.update(base_grads, state.inner_state, params, **extra_args)
         if post is not None:
             new_updates = _utils.cast_like(post(new_updates, inner), new_updates)
         new_state = SharpnessRuleState(
-            count=optax.safe_increment(state.count), inner_state=inner, extra=extra
+            rule_count=optax.safe_increment(state.rule_count), inner_state=inner, extra=extra
         )
         return new_updates, new_state
 

@@ -40,8 +40,11 @@ def gsam(
     rho_min=0.02, lr_max=1.6, lr_min=0.016))``. ``alpha = 0`` with
     ``rho_min = rho_max`` is SAM.
 
-    Pieces inside ``base`` see :math:`\tilde g - \alpha g_\perp`; pieces chained
-    before ``gsam`` see only :math:`g`.
+    Which gradient each optax piece sees (see :mod:`sam_optax.rules`): pieces
+    inside ``base`` see :math:`\tilde g - \alpha g_\perp`; pieces after ``gsam``
+    see the base optimizer's updates. A piece that must act on both gradients
+    (clipping, L2 decay) goes in :func:`sam_optax.rules.apply_to_both`; chaining
+    it before ``gsam`` raises ``ValueError`` when ``clean_grads`` is given.
 
     With m-sharpness the decomposition is made on the shard-averaged gradients
     (the official JAX code decomposes per device before its ``pmean``; the two
@@ -56,7 +59,7 @@ def gsam(
 
     Returns:
       The corresponding :class:`optax.GradientTransformationExtraArgs`; call its
-      ``update(grads, state, params, perturbed_grads=...)``.
+      ``update(grads, state, params, perturbed_grads=..., clean_grads=...)``.
 
     References:
       Zhuang et al, `Surrogate Gap Minimization Improves Sharpness-Aware Training

@@ -60,7 +60,9 @@ def looksam(
 
     Args:
       base: any optax optimizer.
-      k: period of the full SAM steps, an integer ``>= 1``.
+      k: period of the full SAM steps, an integer ``>= 1``. An integer array
+        works too, traced or not (``optax.inject_hyperparams`` injects ``k``
+        unless ``static_args=('k',)``); a traced ``k`` is not range-checked.
       alpha: ``>= 0``, weight of the reused direction (0.7 in common settings).
       eps: ``>= 0``, added to norms in denominators.
       max_norm: optional ``> 0``; clip both gradients to this global norm first.
@@ -74,7 +76,7 @@ def looksam(
       Liu et al, `Towards Efficient and Scalable Sharpness-Aware Minimization
       <https://arxiv.org/abs/2203.02714>`_, CVPR 2022
     """
-    _utils.check_positive_int("k", k)
+    k = _check_k(k)
     _utils.check_range("alpha", alpha, low=0.0)
     _utils.check_range("eps", eps, low=0.0)
 
@@ -84,7 +86,7 @@ def looksam(
 
     def combine(g, g_pert, state, params):
         del params
-        full = state.count % k == 0
+        full = state.rule_count % k == 0
         g_norm = _utils.tree_norm(g)
         coef = _utils.tree_vdot(g, g_pert) / (g_norm * g_norm + eps)
         fresh = jax.tree.map(lambda s, c: s - coef * c, g_pert, g)
@@ -92,10 +94,21 @@ def looksam(
         scale = alpha * g_norm / (_utils.tree_norm(g_v) + eps)
         reused = jax.tree.map(lambda c, v: c + scale * v, g, g_v)
         base_grads = jax.tree.map(lambda s, r: jnp.where(full, s, r), g_pert, reused)
-        next_full = (state.count + 1) % k == 0
+        next_full = (state.rule_count + 1) % k == 0
         return base_grads, None, LookSAMState(g_v, next_full)
 
     return sharpness_rule(base, combine, name="looksam", max_norm=max_norm, init_extra=init_extra)
+
+
+def _check_k(k: Any) -> Any:
+    """``k`` as a Python int ``>= 1``; an integer tracer is kept (``count % k`` works)."""
+    if _utils.is_traced(k):
+        _utils.check_integer_tracer("k", k)
+        return k
+    if isinstance(k, jax.Array):
+        k = _utils.static_number("k", k)
+    _utils.check_positive_int("k", k)
+    return k
 
 
 def looksam_full_step(opt_state: Any) -> jax.Array:

@@ -21,19 +21,24 @@ def sam(base: optax.GradientTransformation, *, max_norm: Optional[float] = None)
     :func:`sam_optax.sharpness_aware_grad` (L2 ball: SAM; adaptive: ASAM;
     Fisher: Fisher-SAM).
 
-    Which gradient each chained optax piece sees: pieces *inside* ``base`` (e.g.
-    ``sam(optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(0.1)))``) see
-    :math:`\tilde g`; pieces chained *before* ``sam`` see only the clean gradient,
-    which this rule ignores; pieces *after* see the base optimizer's updates.
+    Which gradient each optax piece sees (see :mod:`sam_optax.rules`): pieces
+    *inside* ``base`` (e.g. ``sam(optax.chain(optax.clip_by_global_norm(1.0),
+    optax.sgd(0.1)))``) see :math:`\tilde g`; pieces *after* ``sam`` see the base
+    optimizer's updates. Pieces chained *before* ``sam`` would see only the clean
+    gradient, which this rule ignores: with ``clean_grads`` given (as the
+    library's steps do) that raises ``ValueError``; use
+    :func:`sam_optax.rules.apply_to_both`, :func:`sam_optax.rules.accumulate`
+    or :func:`sam_optax.rules.skip_nonfinite` around the rule instead.
 
     Args:
       base: any optax optimizer (``optax.sgd(0.1, momentum=0.9)``, ``optax.adamw``,
-        ``optax.MultiSteps(...)`` for gradient accumulation, ...).
+        ...). ``optax.MultiSteps(base, k)`` here accumulates the perturbed
+        gradients only (the same as :func:`sam_optax.rules.accumulate` for SAM).
       max_norm: optional ``> 0``; clip the gradients to this global norm first.
 
     Returns:
       The corresponding :class:`optax.GradientTransformationExtraArgs`; call its
-      ``update(grads, state, params, perturbed_grads=...)``.
+      ``update(grads, state, params, perturbed_grads=..., clean_grads=...)``.
 
     References:
       Foret et al, `Sharpness-Aware Minimization for Efficiently Improving

@@ -52,13 +52,19 @@ def wsam(
     with plain SGD both modes coincide. (The paper's 2-D toy figure is
     reproduced by the coupled form.)
 
-    Which gradient each chained optax piece sees: pieces inside ``base`` see
-    :math:`g` (decoupled) or :math:`\hat g` (coupled); pieces chained before
-    ``wsam`` see only :math:`g`; pieces after see the final updates (sharpness
-    step included).
+    Which gradient each optax piece sees (see :mod:`sam_optax.rules`): pieces
+    inside ``base`` see :math:`g` (decoupled: so weight decay or clipping there
+    never touch the sharpness step) or :math:`\hat g` (coupled); pieces after
+    ``wsam`` see the final updates (sharpness step included). A piece that must
+    act on both gradients, e.g. L2 decay that enters :math:`\tilde g` too, goes in
+    :func:`sam_optax.rules.apply_to_both` (decoupled, it then cancels in
+    :math:`s_t`); chaining it before ``wsam`` raises ``ValueError`` when
+    ``clean_grads`` is given. Decoupled ``wsam`` refuses a base containing
+    ``optax.MultiSteps`` (its sharpness step would act on every micro-step): use
+    :func:`sam_optax.rules.accumulate` around the rule.
 
     Args:
-      base: any optax optimizer.
+      base: any optax optimizer (not ``optax.MultiSteps`` when decoupled).
       gamma: weight of the sharpness term, ``0 <= gamma < 1``; official default
         0.9 (the paper's stable range is about 0.8 - 0.95).
       learning_rate: the base optimizer's learning rate (number or the same
@@ -73,7 +79,7 @@ def wsam(
 
     Returns:
       The corresponding :class:`optax.GradientTransformationExtraArgs`; call its
-      ``update(grads, state, params, perturbed_grads=...)``.
+      ``update(grads, state, params, perturbed_grads=..., clean_grads=...)``.
 
     References:
       Yue et al, `Sharpness-Aware Minimization Revisited: Weighted Sharpness as a
@@ -108,11 +114,13 @@ def wsam(
 
         def post(updates, new_inner_state):
             if learning_rate is not None:
-                lr = _utils.value_at(learning_rate, state.count)
+                lr = _utils.value_at(learning_rate, state.rule_count)
             else:
                 lr = injected_learning_rate(new_inner_state)
             return jax.tree.map(lambda u, a, b: u - lr * alpha * (b - a), updates, g, g_pert)
 
         return g, post, state.extra
 
-    return sharpness_rule(base, combine, name="wsam", max_norm=max_norm, check_init=check_init)
+    return sharpness_rule(
+        base, combine, name="wsam", max_norm=max_norm, check_init=check_init, has_post=True
+    )
