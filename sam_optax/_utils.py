@@ -7,6 +7,7 @@ from typing import Any, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 ScalarOrSchedule = Union[float, jax.Array, optax.Schedule]
@@ -130,3 +131,56 @@ def mask_like(template: Any, tree: Any) -> Any:
     return jax.tree.map(
         lambda t, x: t if is_masked_node(t) else x, template, tree, is_leaf=is_masked_node
     )
+
+
+# --------------------------------------------------------------------------
+# Hyperparameters under ``optax.inject_hyperparams``, which passes every
+# numeric argument (defaulted integers included) as a jax array: a concrete
+# one outside ``jit``, a tracer inside it.
+# --------------------------------------------------------------------------
+
+
+def is_traced(value: Any) -> bool:
+    """Whether ``value`` is a tracer (its value is unknown while tracing)."""
+    return isinstance(value, jax.core.Tracer)
+
+
+def static_number(name: str, value: Any) -> Any:
+    """A Python number from a number or a concrete 0-d array.
+
+    Python numbers are returned unchanged; a concrete 0-d array (as
+    ``optax.inject_hyperparams`` passes) becomes an ``int`` (integer dtype) or
+    a ``float``.
+
+    Args:
+      name: the argument's name, for error messages.
+      value: the hyperparameter.
+
+    Returns:
+      A Python number.
+
+    Raises:
+      ValueError: for a tracer (recommending ``static_args=(name,)``), a bool,
+        an array that is not 0-d, or anything else that is not a number.
+    """
+    if is_traced(value):
+        raise ValueError(
+            f"{name} must be a concrete number here, got a traced value; with "
+            f"optax.inject_hyperparams pass static_args=({name!r},)."
+        )
+    if isinstance(value, (jax.Array, np.ndarray, np.generic)):
+        if np.ndim(value) != 0:
+            raise ValueError(f"{name} must be a scalar, got an array of shape {np.shape(value)}.")
+        dtype = np.asarray(value).dtype
+        if dtype == np.bool_:
+            raise ValueError(f"{name} must be a number, got the bool {value!r}.")
+        value = int(value) if np.issubdtype(dtype, np.integer) else float(value)
+    if not _is_number(value):
+        raise ValueError(f"{name} must be a number, got {value!r}.")
+    return value
+
+
+def check_integer_tracer(name: str, value: Any) -> None:
+    """Raises ``ValueError`` if a traced hyperparameter does not have an integer dtype."""
+    if not jnp.issubdtype(jnp.result_type(value), jnp.integer):
+        raise ValueError(f"{name} must be an integer, got a traced value of dtype {jnp.result_type(value)}.")

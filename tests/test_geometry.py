@@ -194,3 +194,77 @@ def test_property_identities(shape_list, seed, rho, eta):
     zeros = tmap(jnp.zeros_like, w)
     ada = geometry.adaptive(rho, eta=eta).update(g, optax.EmptyState(), zeros)[0]
     assert_trees_close(ada, geometry.l2(rho * eta).update(g, optax.EmptyState(), w)[0], rtol=1e-4, atol=1e-7)
+
+
+# ---- optax.inject_hyperparams over every factory (numeric args, defaulted ints included) ----
+
+INJECTABLE = {
+    "adaptive": (geometry.adaptive, dict(rho=0.5), "rho", ("p",)),
+    "adaptive_pinf": (geometry.adaptive, dict(rho=0.5, eta=0.1, p=math.inf), "rho", ("p",)),
+    "pnorm": (geometry.pnorm, dict(rho=0.2), "rho", ("p",)),
+    "pnorm_p3": (geometry.pnorm, dict(rho=0.2, p=3), "rho", ("p",)),
+    "pnorm_p1": (geometry.pnorm, dict(rho=0.2, p=1), "rho", ("p",)),
+    "pnorm_pinf": (geometry.pnorm, dict(rho=0.2, p=math.inf), "rho", ("p",)),
+    "stochastic": (geometry.stochastic, dict(geometry=geometry.l2(0.1), beta=0.5, granularity="coordinate", seed=3),
+                   "beta", ("seed",)),
+}
+
+
+@pytest.mark.parametrize("static", [False, True])
+@pytest.mark.parametrize("name", sorted(INJECTABLE))
+def test_inject_hyperparams_matches_the_plain_factory(name, static):
+    factory, kwargs, knob, static_args = INJECTABLE[name]
+    injected = optax.inject_hyperparams(factory, static_args=static_args if static else ())(**kwargs)
+    plain = factory(**kwargs)
+    state, plain_state = jax.jit(injected.init)(PARAMS), plain.init(PARAMS)
+    for _ in range(2):
+        eps, state = jax.jit(injected.update)(GRADS, state, PARAMS)
+        want, plain_state = jax.jit(plain.update)(GRADS, plain_state, PARAMS)
+        assert_trees_close(eps, want, rtol=1e-5, atol=1e-7)
+    # changing an injected float between steps: the next step is the plain factory's with the new value
+    new = 0.5 * kwargs[knob]
+    state.hyperparams[knob] = jnp.asarray(new)
+    eps, _ = jax.jit(injected.update)(GRADS, state, PARAMS)
+    want, _ = factory(**{**kwargs, knob: new}).update(GRADS, state.inner_state, PARAMS)
+    assert_trees_close(eps, want, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_inject_hyperparams_looksam_k_and_alpha(static):
+    import sam_optax
+
+    gp = jax.grad(loss_fn)(PARAMS, make_batch(seed=9))
+    kwargs = dict(k=2, alpha=0.7)
+    inject = optax.inject_hyperparams(sam_optax.looksam, static_args=("k",) if static else ())
+    injected = inject(optax.sgd(0.1), **kwargs)
+    plain = sam_optax.looksam(optax.sgd(0.1), **kwargs)
+    state, plain_state = injected.init(PARAMS), plain.init(PARAMS)
+    for _ in range(3):  # full, reuse, full
+        u, state = jax.jit(injected.update)(GRADS, state, PARAMS, perturbed_grads=gp)
+        want, plain_state = jax.jit(plain.update)(GRADS, plain_state, PARAMS, perturbed_grads=gp)
+        assert_trees_close(u, want, rtol=1e-6, atol=1e-8)
+    state.hyperparams["alpha"] = jnp.asarray(0.3)  # the next step reuses the direction
+    u, _ = jax.jit(injected.update)(GRADS, state, PARAMS, perturbed_grads=gp)
+    lower = sam_optax.looksam(optax.sgd(0.1), k=2, alpha=0.3)
+    want, _ = lower.update(GRADS, state.inner_state, PARAMS, perturbed_grads=gp)
+    assert_trees_close(u, want, rtol=1e-6, atol=1e-8)
+
+
+def test_concrete_arrays_are_accepted_as_static_numbers():
+    import sam_optax
+    from sam_optax import _utils
+
+    assert_trees_close(perturb(geometry.pnorm(0.2, p=jnp.asarray(3.0))), perturb(geometry.pnorm(0.2, p=3)))
+    sam_optax.looksam(optax.sgd(0.1), k=jnp.asarray(3))
+    geometry.stochastic(geometry.l2(0.1), seed=jnp.asarray(4))
+    for make, arg in [
+        (lambda: geometry.pnorm(0.2, p=jnp.asarray(0.5)), "p"),
+        (lambda: sam_optax.looksam(optax.sgd(0.1), k=jnp.asarray(0)), "k"),
+        (lambda: sam_optax.looksam(optax.sgd(0.1), k=jnp.asarray(2.0)), "k"),
+        (lambda: geometry.stochastic(geometry.l2(0.1), seed=jnp.asarray(1.5)), "seed"),
+        (lambda: geometry.stochastic(geometry.l2(0.1), seed="0"), "seed"),
+    ]:
+        with pytest.raises(ValueError, match=arg):
+            make()
+    with pytest.raises(ValueError, match=r"static_args=\('p',\)"):
+        jax.jit(lambda p: _utils.static_number("p", p))(2.0)

@@ -40,12 +40,16 @@ def adaptive(
         on CIFAR-100, ten times SAM's).
       eta: ``>= 0``, added to ``|w|``; the official class default is 0.01.
         With ``eta = 0`` a zero weight is never perturbed.
-      p: the norm, ``1 <= p <= inf``.
+      p: the norm, ``1 <= p <= inf``. Under ``optax.inject_hyperparams`` it is
+        injected too: traced inside ``jit``, it takes the general formula (same
+        values up to rounding); ``static_args=('p',)`` keeps it a Python number.
       mask: a pytree of bools like the params (or a function of the params
         returning one); where ``False`` the leaf uses ``T = 1`` (plain SAM). The
         official code is adaptive only for weights, not for biases: pass e.g.
         ``lambda params: jax.tree_util.tree_map_with_path(lambda k, _:
         'bias' not in jax.tree_util.keystr(k), params)``. ``None``: every leaf.
+        Under ``optax.inject_hyperparams`` a function would be taken for a
+        schedule: pass ``static_args=('mask',)``.
       eps: added to the norm in the denominator, ``>= 0``.
 
     Returns:

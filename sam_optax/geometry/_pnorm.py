@@ -7,6 +7,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from sam_optax import _utils
 from sam_optax.geometry._base import AscentGeometry, make_geometry
@@ -48,13 +49,17 @@ def l2(rho: _utils.ScalarOrSchedule = 0.05, *, eps: float = 1e-12) -> AscentGeom
     return make_geometry(perturb, norm, rho)
 
 
-def _pnorm(tree: Any, p: float) -> jax.Array:
-    """Global p-norm of a pytree, computed stably (scaled by the max entry)."""
+def _pnorm(tree: Any, p: Any) -> jax.Array:
+    """Global p-norm of a pytree, computed stably (scaled by the max entry).
+
+    ``p`` may be traced: ``(|x| / max|x|) ** inf`` is 1 at the maxima and 0
+    elsewhere, and ``n ** (1 / inf) = 1``, so the formula also gives the max norm.
+    """
     leaves = jax.tree.leaves(tree)
     if not leaves:
         return jnp.zeros((), jnp.float32)
     big = jnp.max(jnp.stack([jnp.max(jnp.abs(x)) for x in leaves]))
-    if p == math.inf:
+    if not _utils.is_traced(p) and p == math.inf:
         return big
     safe = jnp.where(big > 0, big, 1.0)
     total = _utils.tree_sum(jax.tree.map(lambda x: (jnp.abs(x) / safe) ** p, tree))
@@ -67,7 +72,11 @@ def dual_direction(g: Any, p: float, eps: float) -> Any:
     :math:`\delta = \mathrm{sign}(g)\,(|g| / (\lVert g\rVert_q + \varepsilon))^{q-1}`
     with :math:`1/p + 1/q = 1`; for ``p = inf`` it is ``sign(g)``; for ``p = 1``
     the unit mass is split evenly over the entries of largest magnitude.
+    A traced ``p`` (``optax.inject_hyperparams`` without ``static_args``) takes
+    the general formula, selected elementwise; a Python ``p`` picks its branch.
     """
+    if _utils.is_traced(p):
+        return _traced_dual_direction(g, p, eps)
     if p == 2:
         scale = 1.0 / (_utils.tree_norm(g) + eps)
         return jax.tree.map(lambda x: scale * x, g)
@@ -84,9 +93,30 @@ def dual_direction(g: Any, p: float, eps: float) -> Any:
     return jax.tree.map(lambda x: jnp.sign(x) * (jnp.abs(x) / denom) ** (q - 1.0), g)
 
 
-def check_p(p: Any) -> float:
-    if isinstance(p, bool) or not isinstance(p, (int, float)):
+def _traced_dual_direction(g: Any, p: jax.Array, eps: float) -> Any:
+    """:func:`dual_direction` for a traced ``p``: the general formula with
+    ``q = 1`` at ``p = inf`` (then ``|x| ** 0 = 1`` gives ``sign(g)``), and the
+    ``p = 1`` branch selected with ``where``."""
+    p = jnp.asarray(p, jnp.float32)
+    is_one, is_inf = p == 1.0, jnp.isinf(p)
+    safe_p = jnp.where(is_one | is_inf, 2.0, p)
+    q = jnp.where(is_inf, 1.0, safe_p / (safe_p - 1.0))
+    denom = _pnorm(g, q) + eps
+    general = jax.tree.map(lambda x: jnp.sign(x) * (jnp.abs(x) / denom) ** (q - 1.0), g)
+    ones = dual_direction(g, 1.0, eps)
+    return jax.tree.map(lambda a, b: jnp.where(is_one, b, a), general, ones)
+
+
+def check_p(p: Any) -> Any:
+    """``p`` as a Python float in ``[1, inf]``; a traced ``p`` is returned as it is.
+
+    A concrete array (``optax.inject_hyperparams`` outside ``jit``) becomes a float.
+    """
+    if _utils.is_traced(p):
+        return p
+    if isinstance(p, bool) or not isinstance(p, (int, float, jax.Array, np.ndarray, np.generic)):
         raise ValueError(f"p must be a number in [1, inf], got {p!r}.")
+    p = _utils.static_number("p", p)
     _utils.check_range("p", p, low=1.0)
     return float(p)
 
@@ -106,7 +136,10 @@ def pnorm(rho: _utils.ScalarOrSchedule = 0.05, p: float = 2, *, eps: float = 1e-
 
     Args:
       rho: radius, a number ``>= 0`` or a schedule.
-      p: the norm, ``1 <= p <= inf`` (``math.inf`` or ``float('inf')``).
+      p: the norm, ``1 <= p <= inf`` (``math.inf`` or ``float('inf')``). Under
+        ``optax.inject_hyperparams`` it is injected too: traced inside ``jit``,
+        it takes the general formula (same values up to rounding);
+        ``static_args=('p',)`` keeps the branch chosen for a Python ``p``.
       eps: added to the dual norm in the denominator, ``>= 0``.
 
     Returns:
@@ -115,6 +148,13 @@ def pnorm(rho: _utils.ScalarOrSchedule = 0.05, p: float = 2, *, eps: float = 1e-
     References:
       Foret et al, `Sharpness-Aware Minimization for Efficiently Improving
       Generalization <https://arxiv.org/abs/2010.01412>`_, 2021 (eq. 2)
+
+    Examples:
+      >>> import jax.numpy as jnp, sam_optax
+      >>> geo = sam_optax.geometry.pnorm(0.5, p=float('inf'))
+      >>> eps, _ = geo.update({'w': jnp.array([3.0, -0.1])}, geo.init(None))
+      >>> eps['w']
+      Array([ 0.5, -0.5], dtype=float32)
     """
     p = check_p(p)
     _utils.check_range("eps", eps, low=0.0)

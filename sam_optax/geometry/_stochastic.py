@@ -6,6 +6,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from sam_optax import _utils
 from sam_optax.geometry._base import AscentGeometry
@@ -35,6 +36,18 @@ def sample_mask(key: jax.Array, tree: Any, beta: float, granularity: str) -> Any
     else:
         masks = [jax.random.bernoulli(k, beta, jnp.shape(x)).astype(jnp.float32) for k, x in zip(keys, leaves)]
     return jax.tree.unflatten(treedef, masks)
+
+
+def _check_seed(seed: Any) -> Any:
+    """``seed`` as a Python int; an integer tracer is kept (``PRNGKey`` accepts it)."""
+    if _utils.is_traced(seed):
+        _utils.check_integer_tracer("seed", seed)
+        return seed
+    if not isinstance(seed, bool) and isinstance(seed, (jax.Array, np.ndarray, np.generic)):
+        seed = _utils.static_number("seed", seed)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an int, got {seed!r}.")
+    return seed
 
 
 def stochastic(
@@ -78,7 +91,8 @@ def stochastic(
       beta: probability that a weight (tensor) is perturbed, ``0 < beta <= 1``.
       granularity: ``'tensor'`` or ``'coordinate'``.
       normalize: ``'full'`` (paper) or ``'masked'`` (official code), see above.
-      seed: integer seed of the mask sequence.
+      seed: integer seed of the mask sequence (a Python int, or an integer
+        array, traced or not, as ``optax.inject_hyperparams`` passes it).
 
     Returns:
       The corresponding :class:`sam_optax.geometry.AscentGeometry`.
@@ -92,8 +106,7 @@ def stochastic(
         raise ValueError(f"granularity must be 'tensor' or 'coordinate', got {granularity!r}.")
     if normalize not in ("masked", "full"):
         raise ValueError(f"normalize must be 'masked' or 'full', got {normalize!r}.")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed must be an int, got {seed!r}.")
+    seed = _check_seed(seed)
 
     def init_fn(params):
         return StochasticState(key=jax.random.PRNGKey(seed), inner_state=geometry.init(params))
