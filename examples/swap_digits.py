@@ -113,7 +113,8 @@ def run(
 
     def replica_step(params, stats, opt_state, batch):
         out = sa_grad(params, batch, stats)
-        u, opt_state = tx2.update(out.grads, opt_state, params, perturbed_grads=out.perturbed_grads)
+        u, opt_state = tx2.update(out.grads, opt_state, params, perturbed_grads=out.perturbed_grads,
+                                  clean_grads=out.grads)
         return optax.apply_updates(params, u), out.aux, opt_state
 
     step2 = jax.jit(jax.vmap(replica_step))

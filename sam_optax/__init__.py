@@ -11,8 +11,11 @@ Three independent axes:
 * :mod:`sam_optax.rules` -- how the clean and the perturbed gradient become an
   update with any base optax optimizer (SAM, WSAM, GSAM, LookSAM).
 
-:func:`sharpness_aware_grad` runs the two gradient passes (geometry x data);
-the rules are ``optax.GradientTransformationExtraArgs``.
+:func:`sharpness_aware_grad(loss_fn, geometry, data) <sharpness_aware_grad>`
+runs the two gradient passes; the rules are
+``optax.GradientTransformationExtraArgs``; :func:`sharpness_aware_step` is a
+whole step and :func:`sharpness_aware` the one-object form (a rule and a
+geometry as one transformation whose ``update`` takes a ``grad_fn``).
 
 Around them: :mod:`sam_optax.decay` (decoupled weight decay as in the AdamW
 paper: ``adamw``, ``sgdw``, ``decoupled_weight_decay``) and
@@ -43,6 +46,10 @@ from sam_optax.decay import adamw, decoupled_weight_decay, sgdw
 from sam_optax.rules import (
     LookSAMState,
     SharpnessRuleState,
+    accumulate,
+    apply_to_both,
+    check_placement,
+    skip_nonfinite,
     gsam,
     gsam_rho_schedule,
     looksam,
@@ -51,6 +58,7 @@ from sam_optax.rules import (
     sharpness_rule,
     wsam,
 )
+from sam_optax.one_object import SharpnessAwareTxState, sharpness_aware
 from sam_optax.train import SharpnessAwareState, plain_step, sharpness_aware_step
 from sam_optax.two_pass import SharpnessAwareGrads, sharpness_aware_grad
 
@@ -67,8 +75,13 @@ def __getattr__(name):
 
 __all__ = [
     "LookSAMState",
+    "accumulate",
+    "apply_to_both",
+    "check_placement",
+    "skip_nonfinite",
     "SharpnessAwareGrads",
     "SharpnessAwareState",
+    "SharpnessAwareTxState",
     "SharpnessRuleState",
     "adamw",
     "average_replicas",
@@ -96,6 +109,7 @@ __all__ = [
     "sam",
     "sgdw",
     "plain_step",
+    "sharpness_aware",
     "sharpness_aware_grad",
     "sharpness_aware_step",
     "sharpness_rule",

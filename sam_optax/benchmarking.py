@@ -109,7 +109,7 @@ def _methods(model, lr: float, rho: float, batch_size: int) -> list[Method]:
 
     methods.append(Method("base", jax.jit(plain, donate_argnums=(0, 1)), base.init))
 
-    def make(name, tx, geo, lossf=loss, second_pass=None, **kwargs):
+    def make(name, tx, geo, lossf=loss, second_pass="auto", **kwargs):
         init, step = sam_optax.sharpness_aware_step(lossf, tx, geo, **kwargs)
 
         def timed(params, state, batch):
@@ -126,9 +126,9 @@ def _methods(model, lr: float, rho: float, batch_size: int) -> list[Method]:
     add("gsam", sam_optax.gsam(base, 0.3), geometry.l2(rho))
     add("asam", sam_optax.sam(base), geometry.adaptive(10 * rho))
     add("esam", sam_optax.sam(base), geometry.stochastic(geometry.l2(rho), 0.5), lossf=per_example,
-        data_selection=sam_optax.data.sharpness_sensitive(0.5))
-    add("sam_chunks", sam_optax.sam(base), geometry.l2(rho), m=batch_size // 8)
-    add("sam_chunks_unroll", sam_optax.sam(base), geometry.l2(rho), m=batch_size // 8, chunk_mode="unroll")
+        data=sam_optax.data.shards(selection=sam_optax.data.sharpness_sensitive(0.5)))
+    add("sam_chunks", sam_optax.sam(base), geometry.l2(rho), data=sam_optax.data.shards(batch_size // 8))
+    add("sam_chunks_unroll", sam_optax.sam(base), geometry.l2(rho), data=sam_optax.data.shards(batch_size // 8, chunk_mode="unroll"))
 
     # LookSAM k=5: time a whole period (1 full step + 4 reuse steps) per call, two ways:
     # the kind of step chosen inside jit by lax.cond (sharpness_aware_step reads it from the

@@ -2,7 +2,7 @@
 
 Nothing here communicates by itself: a global :class:`jax.sharding.Mesh` over the
 devices of every process, global arrays built from each process's local data,
-and :func:`sam_optax.sharpness_aware_grad` with ``mesh=`` (``jax.shard_map`` over
+and :func:`sam_optax.sharpness_aware_grad` with ``data=shards(mesh=mesh)`` (``jax.shard_map`` over
 the data axis: each device perturbs with its own gradient, and XLA's collectives
 average the gradients over all devices of all hosts).
 
@@ -10,7 +10,7 @@ A step on a pod, one process per host::
 
     jax.distributed.initialize()                  # coordinator etc. from the cluster environment
     mesh = sam_optax.distributed.data_mesh()      # all devices of all hosts, axis "data"
-    init, step = sam_optax.sharpness_aware_step(loss_fn, tx, geometry, mesh=mesh)
+    init, step = sam_optax.sharpness_aware_step(loss_fn, tx, geometry, sam_optax.data.shards(mesh=mesh))
     params = sam_optax.distributed.replicate(params, mesh)
     state = jax.jit(init)(params)
     step = jax.jit(step)

@@ -7,7 +7,9 @@ from typing import Any, Callable, NamedTuple, Optional
 import jax
 import optax
 
+from sam_optax.data._axis import DataAxis
 from sam_optax.geometry import AscentGeometry, l2
+from sam_optax.rules import check_placement
 from sam_optax.two_pass import SharpnessAwareGrads, sharpness_aware_grad
 
 
@@ -27,17 +29,22 @@ def sharpness_aware_step(
     loss_fn: Callable[..., Any],
     tx: optax.GradientTransformation,
     geometry: Optional[AscentGeometry] = None,
-    **sa_kwargs: Any,
+    data: Optional[DataAxis] = None,
+    *,
+    has_aux: bool = False,
+    ascent_steps: int = 1,
+    ascent_step_size: Optional[float] = None,
 ) -> tuple[Callable[[Any], SharpnessAwareState], Callable[..., tuple[Any, SharpnessAwareState, SharpnessAwareGrads]]]:
     """The training step of ``tx`` (a sam_optax rule, possibly wrapped) as ``(init, step)``.
 
     ``step(params, state, batch, *args) -> (params, state, out)`` runs
-    :func:`sharpness_aware_grad` (``sa_kwargs`` go to it: ``m``, ``mesh``,
-    ``data_selection``, ...), ``tx.update(out.grads, ..., perturbed_grads=...)``
+    :func:`sharpness_aware_grad` (with ``geometry``, ``data`` and the keyword
+    arguments), ``tx.update(out.grads, ..., perturbed_grads=..., clean_grads=...)``
     and ``optax.apply_updates``; ``out`` is the :class:`SharpnessAwareGrads`
     (loss, clean-pass aux, ...). If the optimizer state holds a LookSAM state,
     the second pass is skipped on its reuse steps (chosen at run time by
-    ``lax.cond``). ``step(..., second_pass=True / False)`` overrides that with a
+    ``lax.cond``: ``second_pass="auto"``, the default). ``step(...,
+    second_pass=True / False)`` overrides that with a
     literal flag, so two programs can be jitted and one picked on the host each
     step (with LookSAM: ``sam_optax.looksam_full_step(state.opt_state)``); on
     XLA:CPU this avoids running convolutions inside a conditional. ``step`` is not jitted, so it
@@ -53,20 +60,35 @@ def sharpness_aware_step(
       >>> w, state, out = jax.jit(step)(w, state, jnp.ones((4, 3)))
     """
     geometry = l2(0.05) if geometry is None else geometry
-    sa_grad = sharpness_aware_grad(loss_fn, geometry, **sa_kwargs)
+    sa_grad = sharpness_aware_grad(
+        loss_fn, geometry, data, has_aux=has_aux, ascent_steps=ascent_steps, ascent_step_size=ascent_step_size
+    )
 
     def init(params):
-        return SharpnessAwareState(opt_state=tx.init(params), ascent_state=geometry.init(params))
+        opt_state = tx.init(params)
+        check_placement(opt_state)
+        return SharpnessAwareState(opt_state=opt_state, ascent_state=geometry.init(params))
 
-    def step(params, state, batch, *args, second_pass=None):
-        if second_pass is None:  # LookSAM's own choice, else always
-            full = optax.tree.get(state.opt_state, "looksam_full_step", None)
-            second_pass = True if full is None else full
+    def step(params, state, batch, *args, second_pass="auto"):
+        second_pass = resolve_second_pass(second_pass, state.opt_state)
         out = sa_grad(params, batch, *args, ascent_state=state.ascent_state, second_pass=second_pass)
-        updates, opt_state = tx.update(out.grads, state.opt_state, params, perturbed_grads=out.perturbed_grads)
+        updates, opt_state = tx.update(
+            out.grads, state.opt_state, params, perturbed_grads=out.perturbed_grads, clean_grads=out.grads
+        )
         return optax.apply_updates(params, updates), SharpnessAwareState(opt_state, out.ascent_state), out
 
     return init, step
+
+
+def resolve_second_pass(second_pass: Any, opt_state: Any) -> Any:
+    """``"auto"``: LookSAM's choice read from ``opt_state`` (a traced bool), else
+    ``True``; ``True`` / ``False`` / a boolean array as they are."""
+    if second_pass is None or isinstance(second_pass, str):
+        if second_pass != "auto":
+            raise ValueError(f"second_pass must be 'auto', True, False or a boolean array, got {second_pass!r}.")
+        full = optax.tree.get(opt_state, "looksam_full_step", None)
+        return True if full is None else full
+    return second_pass
 
 
 def plain_step(

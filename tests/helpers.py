@@ -76,18 +76,19 @@ def batches(n_steps: int, n: int = 32, seed: int = 100):
     return [make_batch(seed + i, n) for i in range(n_steps)]
 
 
-def train(tx, geo, params, batch_list, *, m=None, loss=None, **sa_kwargs):
+def train(tx, geo, params, batch_list, *, m=None, loss=None, data_selection=None, **sa_kwargs):
     """Runs the library's two-pass helper + rule for len(batch_list) steps."""
     import optax
     import sam_optax
 
-    f = sam_optax.sharpness_aware_grad(loss or loss_fn, geo, m=m, **sa_kwargs)
+    f = sam_optax.sharpness_aware_grad(
+        loss or loss_fn, geo, sam_optax.data.shards(m=m, selection=data_selection), **sa_kwargs)
     state, ascent = tx.init(params), geo.init(params)
 
     @jax.jit
     def step(params, state, ascent, batch):
         out = f(params, batch, ascent_state=ascent)
-        u, state = tx.update(out.grads, state, params, perturbed_grads=out.perturbed_grads)
+        u, state = tx.update(out.grads, state, params, perturbed_grads=out.perturbed_grads, clean_grads=out.grads)
         return optax.apply_updates(params, u), state, out.ascent_state
 
     for b in batch_list:

@@ -20,7 +20,7 @@ def run(name, mesh, *, process_index=0, process_count=1):
     else:
         tx = sam_optax.wsam(optax.adam(1e-2), 0.8, learning_rate=1e-2)
         kwargs = {"m": 8} if name == "wsam_m8" else {}
-    init, step = sam_optax.sharpness_aware_step(loss_fn, tx, geometry.l2(0.1), mesh=mesh, **kwargs)
+    init, step = sam_optax.sharpness_aware_step(loss_fn, tx, geometry.l2(0.1), sam_optax.data.shards(mesh=mesh, **kwargs))
     params = distributed.replicate(make_params(), mesh)
     state = jax.jit(init)(params)
     step = jax.jit(step)

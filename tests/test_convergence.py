@@ -50,7 +50,7 @@ RULES = {
 def test_reaches_accuracy_on_digits(name, digits):
     (xtr, ytr), (xte, yte) = digits
     tx, geo = RULES[name][0](), RULES[name][1]()
-    f = sam_optax.sharpness_aware_grad(loss, geo, m=16 if name.endswith("m16") else None)
+    f = sam_optax.sharpness_aware_grad(loss, geo, data=sam_optax.data.shards(m=16 if name.endswith("m16") else None))
     params = init_mlp(jax.random.PRNGKey(0))
     opt_state = tx.init(params)
 

@@ -170,7 +170,7 @@ def sds_by_hand(params, batch, gamma, rho, m=None):
 
 @pytest.mark.parametrize("m", [None, 8])
 def test_sds_second_pass_runs_on_the_selected_examples(m):
-    f = sam_optax.sharpness_aware_grad(per_example_loss, geometry.l2(RHO), m=m, data_selection=sharpness_sensitive(0.5))
+    f = sam_optax.sharpness_aware_grad(per_example_loss, geometry.l2(RHO), data=sam_optax.data.shards(m=m, selection=sharpness_sensitive(0.5)))
     out = f(P0, BATCH)
     assert_trees_close(out.perturbed_grads, sds_by_hand(P0, BATCH, 0.5, RHO, m=m), rtol=1e-5)
     g, _ = sam_grads_by_hand(P0, BATCH, RHO, m=m)
@@ -179,7 +179,7 @@ def test_sds_second_pass_runs_on_the_selected_examples(m):
 
 def test_esam_beta1_gamma1_is_sam():
     geo = geometry.stochastic(geometry.l2(RHO), 1.0)
-    f = sam_optax.sharpness_aware_grad(per_example_loss, geo, m=8, data_selection=sharpness_sensitive(1.0))
+    f = sam_optax.sharpness_aware_grad(per_example_loss, geo, data=sam_optax.data.shards(m=8, selection=sharpness_sensitive(1.0)))
     out = f(P0, BATCH, ascent_state=geo.init(P0))
     _, gp = sam_grads_by_hand(P0, BATCH, RHO, m=8)
     assert_trees_close(out.perturbed_grads, gp)
@@ -193,21 +193,20 @@ def test_esam_beta1_gamma1_is_sam():
 def test_sds_under_shard_map_equals_per_chunk_reference():
     mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
     batch = make_batch(n=64)
-    f = sam_optax.sharpness_aware_grad(per_example_loss, geometry.l2(RHO), mesh=mesh,
-                                       data_selection=sharpness_sensitive(0.5))
+    f = sam_optax.sharpness_aware_grad(per_example_loss, geometry.l2(RHO), data=sam_optax.data.shards(mesh=mesh, selection=sharpness_sensitive(0.5)))
     assert_trees_close(f(P0, batch).perturbed_grads, sds_by_hand(P0, batch, 0.5, RHO, m=8), rtol=1e-5)
 
 
 def test_sds_needs_per_example_losses_and_no_microbatches():
     with pytest.raises(ValueError, match="per-example"):
-        sam_optax.sharpness_aware_grad(loss_fn, data_selection=sharpness_sensitive(0.5))(P0, BATCH)
+        sam_optax.sharpness_aware_grad(loss_fn, data=sam_optax.data.shards(selection=sharpness_sensitive(0.5)))(P0, BATCH)
     with pytest.raises(ValueError, match="microbatch_size"):
-        sam_optax.sharpness_aware_grad(per_example_loss, data_selection=sharpness_sensitive(0.5), microbatch_size=4)
+        sam_optax.sharpness_aware_grad(per_example_loss, data=sam_optax.data.shards(selection=sharpness_sensitive(0.5), microbatch_size=4))
 
 
 def test_per_example_loss_without_selection_is_plain_sam():
-    a = sam_optax.sharpness_aware_grad(per_example_loss, geometry.l2(RHO), m=8)(P0, BATCH)
-    b = sam_optax.sharpness_aware_grad(loss_fn, geometry.l2(RHO), m=8)(P0, BATCH)
+    a = sam_optax.sharpness_aware_grad(per_example_loss, geometry.l2(RHO), data=sam_optax.data.shards(m=8))(P0, BATCH)
+    b = sam_optax.sharpness_aware_grad(loss_fn, geometry.l2(RHO), data=sam_optax.data.shards(m=8))(P0, BATCH)
     assert_trees_close(a.perturbed_grads, b.perturbed_grads, rtol=1e-6, atol=1e-8)
 
 
@@ -276,7 +275,7 @@ def test_looksam_skips_the_second_pass_at_run_time_without_recompiling():
 
 
 def test_second_pass_false_returns_clean_gradient():
-    f = sam_optax.sharpness_aware_grad(loss_fn, geometry.l2(RHO), m=8)
+    f = sam_optax.sharpness_aware_grad(loss_fn, geometry.l2(RHO), data=sam_optax.data.shards(m=8))
     out = f(P0, BATCH, second_pass=jnp.asarray(False))
     assert_trees_close(out.perturbed_grads, out.grads, rtol=1e-6, atol=1e-8)
     np.testing.assert_allclose(out.perturbed_loss, out.loss, rtol=1e-7)

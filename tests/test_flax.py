@@ -112,7 +112,7 @@ def test_linen_step_is_sam_with_clean_pass_batch_stats_and_shared_dropout_key():
 def test_linen_m_sharpness_ghost_batchnorm_and_per_shard_keys():
     state = linen_state(sam_optax.sam(optax.sgd(LR)), geometry.l2(RHO))
     batch, rng = make_data(1), jax.random.PRNGKey(7)
-    new, _ = linen_train_step(linen_loss, m=8)(state, batch, rng)
+    new, _ = linen_train_step(linen_loss, data=sam_optax.data.shards(m=8))(state, batch, rng)
     want_params, want_stats = linen_by_hand(state, batch, [shard_key(rng, 8 * i) for i in range(4)])
     assert_trees_close(new.params, want_params, rtol=1e-5, atol=1e-6)
     # the stored statistics are the mean of the per-shard (ghost) updates, not the full-batch update
@@ -129,8 +129,8 @@ def test_linen_step_over_a_mesh_equals_chunks_on_one_device():
     mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
     state = linen_state(sam_optax.sam(optax.sgd(LR)), geometry.l2(RHO))
     batch, rng = make_data(2), jax.random.PRNGKey(3)
-    on_mesh, _ = linen_train_step(linen_loss, mesh=mesh)(state, batch, rng)
-    chunks, _ = linen_train_step(linen_loss, m=4)(state, batch, rng)
+    on_mesh, _ = linen_train_step(linen_loss, data=sam_optax.data.shards(mesh=mesh))(state, batch, rng)
+    chunks, _ = linen_train_step(linen_loss, data=sam_optax.data.shards(m=4))(state, batch, rng)
     assert_trees_close(on_mesh.params, chunks.params, rtol=1e-5, atol=1e-6)
     assert_trees_close(on_mesh.batch_stats, chunks.batch_stats, rtol=1e-5, atol=1e-6)
 
@@ -250,7 +250,7 @@ def test_nnx_dropout_mask_shared_by_both_passes_and_rng_counts_advance_once():
     assert tree_norm(tmap(jnp.subtract, grad_at(pert, advanced), out.perturbed_grads)) > 1e-3
 
     optimizer = SharpnessAwareOptimizer(model, sam_optax.sam(optax.sgd(LR)), geometry.l2(RHO))
-    step = nnx_train_step(nnx_loss, m=8)
+    step = nnx_train_step(nnx_loss, data=sam_optax.data.shards(m=8))
     before = int(model.do.rngs.count[...])
     step(model, optimizer, batch)
     step(model, optimizer, make_data(4))
@@ -314,13 +314,13 @@ def test_linen_step_forwards_every_two_pass_option_esam_sds():
     def per_example(apply, b):
         return optax.softmax_cross_entropy_with_integer_labels(apply(b["x"]), b["y"])
 
-    step = linen_train_step(per_example, data_selection=sharpness_sensitive(0.5), m=16)
+    step = linen_train_step(per_example, data=sam_optax.data.shards(selection=sharpness_sensitive(0.5), m=16))
     state, _ = step(state, batch)
 
     def pure(p, b):
         return optax.softmax_cross_entropy_with_integer_labels(model.apply({"params": p}, b["x"]), b["y"])
 
-    init, pure_step = sam_optax.sharpness_aware_step(pure, tx, geo, data_selection=sharpness_sensitive(0.5), m=16)
+    init, pure_step = sam_optax.sharpness_aware_step(pure, tx, geo, data=sam_optax.data.shards(selection=sharpness_sensitive(0.5), m=16))
     want, _, _ = pure_step(params, init(params), batch)
     for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(want)):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)

@@ -76,7 +76,7 @@ def test_checkpoint_restore_continues_the_identical_trajectory(tmp_path):
     geo = geometry.l2(optax.linear_schedule(0.02, 0.1, 8))
     make_tx = lambda: sam_optax.wsam(optax.adamw(sched, weight_decay=1e-3), 0.9, learning_rate=sched)
     data = batches(8, seed=3)
-    f = sam_optax.sharpness_aware_grad(loss_fn, geo, m=8)
+    f = sam_optax.sharpness_aware_grad(loss_fn, geo, data=sam_optax.data.shards(m=8))
 
     def step(tx, params, opt_state, ascent, batch):
         out = f(params, batch, ascent_state=ascent)

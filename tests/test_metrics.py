@@ -277,7 +277,7 @@ def test_hessian_metrics_under_shard_map_equal_single_device():
     np.testing.assert_allclose(sharded[4], single[4], rtol=1e-4)  # the same probes, the full-batch Hessian
     np.testing.assert_allclose(sharded[5], single[5], rtol=1e-3, atol=1e-6)
     # m-sharpness inside the user's shard_map: each device's 8 examples are one shard
-    f = metrics.m_sharpness(loss_fn, sam_optax.geometry.l2(0.1), axis_name="data")
+    f = metrics.m_sharpness(loss_fn, sam_optax.geometry.l2(0.1), data=sam_optax.data.shards(axis_name="data"))
     value = jax.jit(jax.shard_map(lambda p, b: f(p, b).sharpness, mesh=mesh, in_specs=(P(), P("data")),
                                   out_specs=P(), check_vma=True))(MLP, batch)
     np.testing.assert_allclose(value, sharpness_by_hand(MLP, batch, 0.1, 8), rtol=1e-4)
@@ -306,7 +306,7 @@ def test_m_sharpness_first_order_equals_hand_computation_per_shard():
     rho = 0.1
     vals = {}
     for m in (8, 32):
-        out = metrics.m_sharpness(loss_fn, geometry.l2(rho), m=m)(MLP, MBATCH)
+        out = metrics.m_sharpness(loss_fn, geometry.l2(rho), data=sam_optax.data.shards(m=m))(MLP, MBATCH)
         np.testing.assert_allclose(out.sharpness, sharpness_by_hand(MLP, MBATCH, rho, m), rtol=1e-4, atol=1e-7)
         np.testing.assert_allclose(out.loss, loss_fn(MLP, MBATCH), rtol=1e-6)
         vals[m] = float(out.sharpness)
@@ -315,7 +315,7 @@ def test_m_sharpness_first_order_equals_hand_computation_per_shard():
 
 
 def test_m_sharpness_over_batches_is_the_mean():
-    f = metrics.m_sharpness(loss_fn, geometry.l2(0.1), m=16)
+    f = metrics.m_sharpness(loss_fn, geometry.l2(0.1), data=sam_optax.data.shards(m=16))
     bs = [make_batch(seed=s, n=32) for s in (11, 12, 13)]
     out = f(MLP, metrics.stack_batches(bs))
     each = [f(MLP, b) for b in bs]
@@ -356,7 +356,7 @@ def test_m_sharpness_over_a_mesh_equals_per_device_chunks():
         pytest.skip("needs 8 devices (XLA_FLAGS set in conftest.py)")
     mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
     batch = make_batch(n=64)
-    out = metrics.m_sharpness(loss_fn, geometry.l2(0.1), mesh=mesh, m=4)(MLP, batch)
+    out = metrics.m_sharpness(loss_fn, geometry.l2(0.1), data=sam_optax.data.shards(mesh=mesh, m=4))(MLP, batch)
     np.testing.assert_allclose(out.sharpness, sharpness_by_hand(MLP, batch, 0.1, 4), rtol=1e-4, atol=1e-7)
 
 
@@ -366,7 +366,7 @@ def test_m_sharpness_reuses_sharpness_aware_grad():
     state = geo.init(MLP)
     for _ in range(3):
         _, state = geo.update(MLP, state, MLP)  # advance the schedule to count 3: rho = 0.08
-    out = sam_optax.sharpness_aware_grad(loss_fn, geo, m=8)(MLP, MBATCH, ascent_state=state)
-    val = metrics.m_sharpness(loss_fn, geo, m=8)(MLP, MBATCH, ascent_state=state)
+    out = sam_optax.sharpness_aware_grad(loss_fn, geo, data=sam_optax.data.shards(m=8))(MLP, MBATCH, ascent_state=state)
+    val = metrics.m_sharpness(loss_fn, geo, data=sam_optax.data.shards(m=8))(MLP, MBATCH, ascent_state=state)
     np.testing.assert_allclose(val.sharpness, out.perturbed_loss - out.loss, rtol=1e-6)
     np.testing.assert_allclose(val.sharpness, sharpness_by_hand(MLP, MBATCH, 0.08, 8), rtol=1e-4)

@@ -44,14 +44,14 @@ def test_naive_shard_map_body_is_the_trap_and_ours_is_not():
     naive_out = jax.jit(jax.shard_map(naive, mesh=mesh, in_specs=(P(), P("data")), out_specs=P()))(P0, BATCH)
     _, gp_loop = sam_grads_by_hand(P0, BATCH, RHO, m=64 // NDEV)
     assert tree_norm(tmap(jnp.subtract, naive_out, gp_loop)) > 1e-2
-    ours = sam_optax.sharpness_aware_grad(loss_fn, geometry.l2(RHO), mesh=mesh)(P0, BATCH)
+    ours = sam_optax.sharpness_aware_grad(loss_fn, geometry.l2(RHO), data=sam_optax.data.shards(mesh=mesh))(P0, BATCH)
     assert_trees_close(ours.perturbed_grads, gp_loop)
 
 
 @pytest.mark.parametrize("explicit", [False, True])
 def test_helper_mesh_equals_per_chunk_loop(explicit):
     mesh = jax.make_mesh((NDEV,), ("data",)) if explicit else auto_mesh()
-    out = sam_optax.sharpness_aware_grad(loss_fn, geometry.l2(RHO), mesh=mesh)(P0, BATCH)
+    out = sam_optax.sharpness_aware_grad(loss_fn, geometry.l2(RHO), data=sam_optax.data.shards(mesh=mesh))(P0, BATCH)
     g, gp = sam_grads_by_hand(P0, BATCH, RHO, m=64 // NDEV)
     assert_trees_close(out.grads, g)
     assert_trees_close(out.perturbed_grads, gp)
@@ -60,7 +60,7 @@ def test_helper_mesh_equals_per_chunk_loop(explicit):
 
 def test_users_own_shard_map_with_axis_name():
     mesh = Mesh(np.array(jax.devices()[:NDEV]), ("data",))
-    f = sam_optax.sharpness_aware_grad(loss_fn, geometry.l2(RHO), axis_name="data")
+    f = sam_optax.sharpness_aware_grad(loss_fn, geometry.l2(RHO), data=sam_optax.data.shards(axis_name="data"))
     body = jax.shard_map(lambda p, b: f(p, b), mesh=mesh, in_specs=(P(), P("data")), out_specs=P())
     batch = jax.device_put(BATCH, NamedSharding(mesh, P("data")))
     out = jax.jit(body)(P0, batch)
@@ -71,16 +71,16 @@ def test_users_own_shard_map_with_axis_name():
 @pytest.mark.parametrize("check_vma", [True, False])
 def test_check_vma_either_way(check_vma):
     mesh = auto_mesh()
-    f = sam_optax.sharpness_aware_grad(loss_fn, geometry.fisher(RHO, 1.0), axis_name="data")
+    f = sam_optax.sharpness_aware_grad(loss_fn, geometry.fisher(RHO, 1.0), data=sam_optax.data.shards(axis_name="data"))
     body = jax.shard_map(lambda p, b: f(p, b), mesh=mesh, in_specs=(P(), P("data")), out_specs=P(),
                          check_vma=check_vma)
     out = jax.jit(body)(P0, BATCH)
-    ref = sam_optax.sharpness_aware_grad(loss_fn, geometry.fisher(RHO, 1.0), m=64 // NDEV)(P0, BATCH)
+    ref = sam_optax.sharpness_aware_grad(loss_fn, geometry.fisher(RHO, 1.0), data=sam_optax.data.shards(m=64 // NDEV))(P0, BATCH)
     assert_trees_close(out.perturbed_grads, ref.perturbed_grads)
 
 
 def test_pmap_path():
-    f = sam_optax.sharpness_aware_grad(loss_fn, geometry.l2(RHO), axis_name="data")
+    f = sam_optax.sharpness_aware_grad(loss_fn, geometry.l2(RHO), data=sam_optax.data.shards(axis_name="data"))
     per_device = jax.tree.map(lambda x: x.reshape((NDEV, -1) + x.shape[1:]), BATCH)
     out = jax.pmap(f, axis_name="data", in_axes=(None, 0))(P0, per_device)
     _, gp = sam_grads_by_hand(P0, BATCH, RHO, m=64 // NDEV)
@@ -90,24 +90,24 @@ def test_pmap_path():
 
 @pytest.mark.parametrize("mode", ["vmap", "scan", "unroll"])
 def test_chunks_inside_devices(mode):
-    out = sam_optax.sharpness_aware_grad(loss_fn, geometry.l2(RHO), mesh=auto_mesh(), m=2, chunk_mode=mode)(P0, BATCH)
+    out = sam_optax.sharpness_aware_grad(loss_fn, geometry.l2(RHO), data=sam_optax.data.shards(mesh=auto_mesh(), m=2, chunk_mode=mode))(P0, BATCH)
     g, gp = sam_grads_by_hand(P0, BATCH, RHO, m=2)
     assert_trees_close(out.grads, g)
     assert_trees_close(out.perturbed_grads, gp)
 
 
 def test_chunked_vmap_on_one_device_equals_shard_map():
-    a = sam_optax.sharpness_aware_grad(loss_fn, geometry.adaptive(0.5), m=8)(P0, BATCH)
-    b = sam_optax.sharpness_aware_grad(loss_fn, geometry.adaptive(0.5), mesh=auto_mesh())(P0, BATCH)
+    a = sam_optax.sharpness_aware_grad(loss_fn, geometry.adaptive(0.5), data=sam_optax.data.shards(m=8))(P0, BATCH)
+    b = sam_optax.sharpness_aware_grad(loss_fn, geometry.adaptive(0.5), data=sam_optax.data.shards(mesh=auto_mesh()))(P0, BATCH)
     assert_trees_close(a.perturbed_grads, b.perturbed_grads)
     assert_trees_close(a.grads, b.grads)
 
 
 def test_indivisible_by_device_count_is_a_value_error():
-    f = sam_optax.sharpness_aware_grad(loss_fn, mesh=auto_mesh())
+    f = sam_optax.sharpness_aware_grad(loss_fn, data=sam_optax.data.shards(mesh=auto_mesh()))
     with pytest.raises(ValueError, match="batch size 60 must be divisible by the number of devices 8"):
         f(P0, make_batch(n=60))
-    g = sam_optax.sharpness_aware_grad(loss_fn, mesh=auto_mesh(), m=3)
+    g = sam_optax.sharpness_aware_grad(loss_fn, data=sam_optax.data.shards(mesh=auto_mesh(), m=3))
     with pytest.raises(ValueError, match="m=3 must divide the per-device batch size 8"):
         g(P0, BATCH)
 
@@ -115,10 +115,10 @@ def test_indivisible_by_device_count_is_a_value_error():
 def test_mesh_axis_validation():
     mesh2 = jax.make_mesh((4, 2), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
     with pytest.raises(ValueError, match="axis_name is required"):
-        sam_optax.sharpness_aware_grad(loss_fn, mesh=mesh2)
+        sam_optax.sharpness_aware_grad(loss_fn, data=sam_optax.data.shards(mesh=mesh2))
     with pytest.raises(ValueError, match="not in the mesh axes"):
-        sam_optax.sharpness_aware_grad(loss_fn, mesh=mesh2, axis_name="batch")
-    out = sam_optax.sharpness_aware_grad(loss_fn, geometry.l2(RHO), mesh=mesh2, axis_name=("data", "model"))(P0, BATCH)
+        sam_optax.sharpness_aware_grad(loss_fn, data=sam_optax.data.shards(mesh=mesh2, axis_name="batch"))
+    out = sam_optax.sharpness_aware_grad(loss_fn, geometry.l2(RHO), data=sam_optax.data.shards(mesh=mesh2, axis_name=("data", "model")))(P0, BATCH)
     _, gp = sam_grads_by_hand(P0, BATCH, RHO, m=8)
     assert_trees_close(out.perturbed_grads, gp)
 
@@ -168,8 +168,7 @@ def test_esam_and_looksam_under_shard_map_equal_per_chunk_reference():
     tx = lambda: sam_optax.looksam(optax.sgd(0.1, momentum=0.9), k=2)  # noqa: E731
     want = esam_looksam_by_hand(batches, beta=0.5, gamma=0.5, k=2)
     for kwargs in [dict(mesh=auto_mesh()), dict(m=8)]:
-        init, step = sam_optax.sharpness_aware_step(per_example_loss, tx(), geo,
-                                                    data_selection=sharpness_sensitive(0.5), **kwargs)
+        init, step = sam_optax.sharpness_aware_step(per_example_loss, tx(), geo, sam_optax.data.shards(selection=sharpness_sensitive(0.5), **kwargs))
         p, s = P0, init(P0)
         step = jax.jit(step)
         for b in batches:

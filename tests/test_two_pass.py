@@ -33,7 +33,7 @@ def test_global_sam_matches_hand():
 @pytest.mark.parametrize("m", [4, 8, 16])
 @pytest.mark.parametrize("mode", ["vmap", "scan", "unroll"])
 def test_m_sharpness_chunks_match_per_chunk_loop(m, mode):
-    out = sam_optax.sharpness_aware_grad(loss_fn, geometry.l2(RHO), m=m, chunk_mode=mode)(P0, BATCH)
+    out = sam_optax.sharpness_aware_grad(loss_fn, geometry.l2(RHO), data=sam_optax.data.shards(m=m, chunk_mode=mode))(P0, BATCH)
     g, gp = sam_grads_by_hand(P0, BATCH, RHO, m=m)
     assert_trees_close(out.grads, g)
     assert_trees_close(out.perturbed_grads, gp)
@@ -43,14 +43,14 @@ def test_m_sharpness_chunks_match_per_chunk_loop(m, mode):
 
 
 def test_m_equal_batch_is_global_sam():
-    a = sam_optax.sharpness_aware_grad(loss_fn, geometry.l2(RHO), m=32)(P0, BATCH)
+    a = sam_optax.sharpness_aware_grad(loss_fn, geometry.l2(RHO), data=sam_optax.data.shards(m=32))(P0, BATCH)
     b = sam_optax.sharpness_aware_grad(loss_fn, geometry.l2(RHO))(P0, BATCH)
     assert_trees_close(a.perturbed_grads, b.perturbed_grads, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("mode", ["vmap", "scan"])
 def test_microbatches_inside_a_shard_share_one_perturbation(mode):
-    out = sam_optax.sharpness_aware_grad(loss_fn, geometry.l2(RHO), m=16, microbatch_size=4, chunk_mode=mode)(P0, BATCH)
+    out = sam_optax.sharpness_aware_grad(loss_fn, geometry.l2(RHO), data=sam_optax.data.shards(m=16, microbatch_size=4, chunk_mode=mode))(P0, BATCH)
     g, gp = sam_grads_by_hand(P0, BATCH, RHO, m=16)
     assert_trees_close(out.grads, g)
     assert_trees_close(out.perturbed_grads, gp)
@@ -85,7 +85,7 @@ def test_aux_comes_from_the_clean_pass_only():
         logits = jnp.mean(jnp.abs(params["dense2"]["kernel"]))
         return loss_fn(params, batch), {"stat": logits, "calls": jnp.int32(1)}
 
-    out = sam_optax.sharpness_aware_grad(loss_with_aux, geometry.l2(1.0), has_aux=True, m=8)(P0, BATCH)
+    out = sam_optax.sharpness_aware_grad(loss_with_aux, geometry.l2(1.0), has_aux=True, data=sam_optax.data.shards(m=8))(P0, BATCH)
     np.testing.assert_allclose(out.aux["stat"], jnp.mean(jnp.abs(P0["dense2"]["kernel"])), rtol=1e-6)
     assert int(out.aux["calls"]) == 1
 
@@ -115,14 +115,14 @@ def test_extra_args_are_passed_to_every_shard():
     def weighted(params, batch, temperature):
         return loss_fn(params, batch) * temperature
 
-    a = sam_optax.sharpness_aware_grad(weighted, geometry.l2(RHO), m=8)(P0, BATCH, 2.0)
-    b = sam_optax.sharpness_aware_grad(loss_fn, geometry.l2(RHO), m=8)(P0, BATCH)
+    a = sam_optax.sharpness_aware_grad(weighted, geometry.l2(RHO), data=sam_optax.data.shards(m=8))(P0, BATCH, 2.0)
+    b = sam_optax.sharpness_aware_grad(loss_fn, geometry.l2(RHO), data=sam_optax.data.shards(m=8))(P0, BATCH)
     assert_trees_close(a.perturbed_grads, tmap(lambda x: 2 * x, b.perturbed_grads))
 
 
 def test_bf16_params():
     params = make_params(dtype=jnp.bfloat16)
-    out = sam_optax.sharpness_aware_grad(loss_fn, geometry.l2(RHO), m=8)(params, BATCH)
+    out = sam_optax.sharpness_aware_grad(loss_fn, geometry.l2(RHO), data=sam_optax.data.shards(m=8))(params, BATCH)
     for x in jax.tree.leaves(out.perturbed_grads):
         assert x.dtype == jnp.bfloat16
     g32, gp32 = sam_grads_by_hand(tmap(lambda x: x.astype(jnp.float32), params), BATCH, RHO, m=8)
@@ -138,7 +138,7 @@ def test_bf16_params():
 )
 def test_indivisible_sizes_are_value_errors(kwargs, batch_n, match):
     with pytest.raises(ValueError, match=match):
-        sam_optax.sharpness_aware_grad(loss_fn, **kwargs)(P0, make_batch(n=batch_n))
+        sam_optax.sharpness_aware_grad(loss_fn, data=sam_optax.data.shards(**kwargs))(P0, make_batch(n=batch_n))
 
 
 @pytest.mark.parametrize(
@@ -155,8 +155,11 @@ def test_indivisible_sizes_are_value_errors(kwargs, batch_n, match):
     ],
 )
 def test_bad_arguments_raise_at_construction(kwargs, match):
+    data_keys = {"m", "chunk_mode", "microbatch_size"}
+    data = {k: v for k, v in kwargs.items() if k in data_keys}
+    rest = {k: v for k, v in kwargs.items() if k not in data_keys}
     with pytest.raises(ValueError, match=match):
-        sam_optax.sharpness_aware_grad(loss_fn, **kwargs)
+        sam_optax.sharpness_aware_grad(loss_fn, data=sam_optax.data.shards(**data), **rest)
 
 
 def test_stateful_geometry_requires_state():
@@ -168,7 +171,7 @@ def test_stateful_geometry_requires_state():
 def test_rho_schedule_advances_and_no_recompile_after_step_one():
     sched = optax.linear_schedule(0.01, 0.2, 5)
     geo = geometry.l2(sched)
-    f = sam_optax.sharpness_aware_grad(loss_fn, geo, m=8)
+    f = sam_optax.sharpness_aware_grad(loss_fn, geo, data=sam_optax.data.shards(m=8))
     tx = sam_optax.wsam(optax.adam(optax.cosine_decay_schedule(1e-2, 10)), 0.9,
                         learning_rate=optax.cosine_decay_schedule(1e-2, 10))
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -52,7 +52,7 @@ def sharpness_sensitive(gamma: float = 0.5) -> DataSelection:
     works under ``jit`` and per m-sharpness shard. ``gamma = 1`` keeps every
     example and skips the extra forward pass: exactly SAM.
 
-    Pass it as ``sharpness_aware_grad(..., data_selection=sharpness_sensitive(0.5))``
+    Pass it as ``sharpness_aware_grad(loss_fn, geometry, sam_optax.data.shards(selection=sharpness_sensitive(0.5)))``
     with a ``loss_fn`` that returns per-example losses (a vector).
 
     Cost: the second pass runs on the ``gamma`` fraction only (fwd + bwd), at the
@@ -74,3 +74,20 @@ def sharpness_sensitive(gamma: float = 0.5) -> DataSelection:
     if not isinstance(gamma, (int, float)) or isinstance(gamma, bool):
         raise ValueError(f"gamma must be a Python number in (0, 1] (it fixes a static size), got {gamma!r}.")
     return DataSelection(float(gamma))
+
+
+def selected_pass(
+    selection: DataSelection,
+    losses_at: Callable[[Any], jax.Array],
+    grads_on: Callable[[Any], Any],
+    shard: Any,
+    clean_losses: jax.Array,
+) -> tuple[jax.Array, Any]:
+    """The second pass of a shard with data selection: per-example losses at the
+    perturbed weights (``losses_at(shard)``, forward only), then the gradient on the
+    selected examples (``grads_on(sub-shard)``). Returns ``(perturbed loss of the
+    whole shard, gradient)``."""
+    perturbed_losses = losses_at(shard)
+    idx = selection.select(clean_losses, perturbed_losses)
+    grads = grads_on(jax.tree.map(lambda x: x[idx], shard))
+    return jnp.mean(perturbed_losses), grads

@@ -16,7 +16,7 @@ import optax
 
 import sam_optax
 from sam_optax import averaging, decay, geometry
-from sam_optax.data import sharpness_sensitive
+from sam_optax.data import sharpness_sensitive, shards
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +54,7 @@ class Recipe(NamedTuple):
     Attributes:
       tx: the optimizer (a sam_optax rule when ``geometry`` is not None).
       geometry: the ascent geometry, or None for a one-pass method.
-      sa_kwargs: keyword arguments of ``sharpness_aware_grad`` (m, data_selection).
+      sa_kwargs: keyword arguments of ``sharpness_aware_step`` (``data``).
       per_example: whether the loss must return per-example losses (ESAM's SDS).
       eval_params: ``(params, opt_state) -> params`` to evaluate (SWA / EMA / slow weights).
     """
@@ -84,7 +84,7 @@ def build_method(name: str, hp: Hyper, *, steps_per_epoch: int, epochs: int) -> 
     def base(schedule=lr):
         return optax.chain(optax.add_decayed_weights(hp.weight_decay), optax.sgd(schedule, momentum=hp.momentum))
 
-    sa = {"m": hp.m} if hp.m is not None else {}
+    sa = {"data": shards(hp.m)}
     if name == "sgd":
         return Recipe(base(), None, {}, False, _last)
     if name == "sam":
@@ -106,7 +106,7 @@ def build_method(name: str, hp: Hyper, *, steps_per_epoch: int, epochs: int) -> 
         # as the official code, whose settings gave the paper's results: a mask per tensor,
         # the masked gradient normalized (benchmarks/claims.py's ESAM runs used this)
         geo = geometry.stochastic(geometry.l2(hp.rho), hp.esam_beta, granularity="tensor", normalize="masked")
-        return Recipe(sam_optax.sam(base()), geo, dict(sa, data_selection=sharpness_sensitive(hp.esam_gamma)),
+        return Recipe(sam_optax.sam(base()), geo, {"data": shards(hp.m, selection=sharpness_sensitive(hp.esam_gamma))},
                       True, _last)
     if name == "looksam":
         tx = sam_optax.looksam(base(), k=hp.looksam_k, alpha=hp.looksam_alpha)

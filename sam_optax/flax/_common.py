@@ -11,19 +11,22 @@ import jax.numpy as jnp
 from sam_optax.data import _shards
 
 
-def example_index(batch: Any, axis_name: Any, mesh: Any) -> jax.Array:
+def example_index(batch: Any, data: Any) -> jax.Array:
     """Index of every example of the (local) batch in the global batch, ``int32 [B]``.
 
     It travels with the batch as an extra leaf, so that every m-sharpness shard
     (chunk, device, micro-batch) sees the index of its first example and derives
     its own random key from it. Under ``axis_name`` (inside the user's
     ``shard_map`` / ``pmap``) the local indices are offset by the device's
-    position; with ``mesh`` the batch is still global here.
+    position; with ``mesh`` the batch is still global here. ``data``: the
+    :class:`~sam_optax.data.DataAxis` (``None``: one shard).
     """
+    axes = () if data is None else data.axis_name
+    if not axes and (data is None or not data.splits_batch):
+        return jnp.zeros((1,), jnp.int32)  # one shard: any batch pytree, first example 0
     size = _shards.batch_size(batch)
     index = jnp.arange(size, dtype=jnp.int32)
-    axes = _shards.axis_tuple(axis_name)
-    if axes and mesh is None:
+    if axes and data.mesh is None:
         index = index + size * jax.lax.axis_index(axes).astype(jnp.int32)
     return index
 

@@ -12,6 +12,7 @@ from flax.training import train_state
 
 from sam_optax.flax import _common
 from sam_optax.geometry import AscentGeometry
+from sam_optax.rules import check_placement
 from sam_optax.two_pass import sharpness_aware_grad
 
 
@@ -56,25 +57,29 @@ class TrainState(train_state.TrainState):
         """
         if geometry is None or not callable(getattr(geometry, "init", None)):
             raise ValueError(f"geometry must be an AscentGeometry (init/update), got {geometry!r}.")
+        opt_state = tx.init(params)
+        check_placement(opt_state)
         return cls(
             step=jnp.zeros((), jnp.int32),
             apply_fn=apply_fn,
             params=params,
             tx=tx,
-            opt_state=tx.init(params),
+            opt_state=opt_state,
             batch_stats=batch_stats,
             ascent_state=geometry.init(params),
             geometry=geometry,
             **kwargs,
         )
 
-    def apply_gradients(self, *, grads, perturbed_grads, tx_extra_args=None, **kwargs):
-        """One update of the rule: ``tx.update(grads, opt_state, params, perturbed_grads=...)``.
+    def apply_gradients(self, *, grads, perturbed_grads, clean_grads=None, tx_extra_args=None, **kwargs):
+        """One update of the rule: ``tx.update(grads, opt_state, params, perturbed_grads=..., clean_grads=...)``.
 
         Args:
           grads: the clean gradient ``out.grads`` of
             :func:`sam_optax.sharpness_aware_grad`.
           perturbed_grads: ``out.perturbed_grads``.
+          clean_grads: ``out.grads`` again (default: ``grads``), so that a rule
+            can tell whether a piece chained before it changed the gradient.
           tx_extra_args: further keyword arguments for ``tx.update``.
           **kwargs: fields to ``replace`` (e.g. ``batch_stats``, ``ascent_state``).
 
@@ -82,7 +87,8 @@ class TrainState(train_state.TrainState):
           The state with ``step + 1`` and the new ``params`` and ``opt_state``.
         """
         updates, opt_state = self.tx.update(
-            grads, self.opt_state, self.params, perturbed_grads=perturbed_grads, **(tx_extra_args or {})
+            grads, self.opt_state, self.params, perturbed_grads=perturbed_grads,
+            clean_grads=grads if clean_grads is None else clean_grads, **(tx_extra_args or {})
         )
         return self.replace(
             step=self.step + 1, params=optax.apply_updates(self.params, updates), opt_state=opt_state, **kwargs
@@ -141,10 +147,9 @@ def linen_train_step(
       rng_collections: the Linen rng collections made from ``rng``.
       jit: return the step ``jax.jit``-ed.
       donate: with ``jit``, donate the input state's buffers.
-      **sa_kwargs: the other keyword arguments of
-        :func:`sam_optax.sharpness_aware_grad` (``m``, ``axis_name``, ``mesh``,
-        ``chunk_mode``, ``microbatch_size``, ``ascent_steps``,
-        ``ascent_step_size``, ``data_selection``).
+      **sa_kwargs: the other arguments of :func:`sam_optax.sharpness_aware_grad`
+        (``data=sam_optax.data.shards(...)``, ``ascent_steps``,
+        ``ascent_step_size``).
 
     Returns:
       ``step(state, batch, rng=None) -> (state, metrics)`` where ``metrics`` has
@@ -187,7 +192,7 @@ def linen_train_step(
         if state.geometry is None:
             raise ValueError("state.geometry is None: make the state with TrainState.create(..., geometry=...).")
         sa_grad = get_sa_grad(state.apply_fn, state.geometry)
-        index = _common.example_index(batch, sa_kwargs.get("axis_name"), sa_kwargs.get("mesh"))
+        index = _common.example_index(batch, sa_kwargs.get("data"))
         out = sa_grad(state.params, (batch, index), state.batch_stats, rng, ascent_state=state.ascent_state)
         new_stats, metrics = out.aux
         state = state.apply_gradients(

@@ -11,6 +11,7 @@ from flax.nnx.training.optimizer import to_opt_state
 
 from sam_optax.flax import _common
 from sam_optax.geometry import AscentGeometry
+from sam_optax.rules import check_placement
 from sam_optax.two_pass import SharpnessAwareGrads, sharpness_aware_grad
 
 
@@ -49,10 +50,9 @@ def nnx_sharpness_aware_grad(
       geometry: the ascent geometry (default ``sam_optax.geometry.l2(0.05)``).
       wrt: filter of the variables to differentiate (as ``nnx.Optimizer``'s).
       has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
-      **sa_kwargs: the other keyword arguments of
-        :func:`sam_optax.sharpness_aware_grad` (``m``, ``axis_name``, ``mesh``,
-        ``chunk_mode``, ``microbatch_size``, ``ascent_steps``,
-        ``ascent_step_size``, ``data_selection``).
+      **sa_kwargs: the other arguments of :func:`sam_optax.sharpness_aware_grad`
+        (``data=sam_optax.data.shards(...)``, ``ascent_steps``,
+        ``ascent_step_size``).
 
     Returns:
       ``f(model, batch, *args, ascent_state=None) -> SharpnessAwareGrads`` whose
@@ -79,7 +79,7 @@ def nnx_sharpness_aware_grad(
 
     def f(model, batch, *args, ascent_state=None):
         graphdef, params, keys, rest = nnx.split(model, wrt, nnx.RngKey, ...)
-        index = _common.example_index(batch, sa_kwargs.get("axis_name"), sa_kwargs.get("mesh"))
+        index = _common.example_index(batch, sa_kwargs.get("data"))
         return get_sa_grad(graphdef)(params, (batch, index), keys, rest, *args, ascent_state=ascent_state)
 
     return f
@@ -108,6 +108,7 @@ class SharpnessAwareOptimizer(nnx.Optimizer):
         if geometry is None or not callable(getattr(geometry, "init", None)):
             raise ValueError(f"geometry must be an AscentGeometry (init/update), got {geometry!r}.")
         super().__init__(model, tx, wrt=wrt)
+        check_placement(nnx.as_pure(self.opt_state))
         self.geometry = geometry
         self.ascent_state = nnx.data(to_opt_state(geometry.init(nnx.as_pure(nnx.state(model, wrt)))))
 
@@ -124,6 +125,7 @@ class SharpnessAwareOptimizer(nnx.Optimizer):
         Returns:
           The updates.
         """
+        kwargs.setdefault("clean_grads", grads)
         updates = super().update(model, grads, perturbed_grads=perturbed_grads, **kwargs)
         if ascent_state is not None:
             nnx.update(self.ascent_state, nnx.state(ascent_state))
@@ -163,10 +165,9 @@ def nnx_train_step(
         with ``has_aux``).
       has_aux: whether ``loss_fn`` returns ``(loss, metrics)`` (a dict, averaged
         over shards and returned).
-      **sa_kwargs: the other keyword arguments of
-        :func:`sam_optax.sharpness_aware_grad` (``m``, ``axis_name``, ``mesh``,
-        ``chunk_mode``, ``microbatch_size``, ``ascent_steps``,
-        ``ascent_step_size``, ``data_selection``).
+      **sa_kwargs: the other arguments of :func:`sam_optax.sharpness_aware_grad`
+        (``data=sam_optax.data.shards(...)``, ``ascent_steps``,
+        ``ascent_step_size``).
       jit: return the step ``nnx.jit``-ed.
 
     Returns:

@@ -54,10 +54,9 @@ def m_sharpness(
         ``has_aux``), a mean over the examples.
       geometry: the ball (default ``sam_optax.geometry.l2(rho=0.05)``).
       has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
-      **sa_kwargs: the other keyword arguments of
-        :func:`sam_optax.sharpness_aware_grad`: ``m`` (shard size; ``None``: one
-        shard per device), ``axis_name``, ``mesh``, ``chunk_mode``,
-        ``microbatch_size``, ``ascent_steps`` (``n`` projected ascent steps),
+      **sa_kwargs: the other arguments of :func:`sam_optax.sharpness_aware_grad`:
+        ``data=sam_optax.data.shards(m, ...)`` (the shards; default one shard
+        per device), ``ascent_steps`` (``n`` projected ascent steps),
         ``ascent_step_size``.
 
     Returns:

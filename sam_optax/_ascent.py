@@ -1,0 +1,48 @@
+"""Multi-step ascent: projected gradient ascent on the loss inside the geometry's rho-ball."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from sam_optax import _utils
+from sam_optax.geometry import AscentGeometry
+
+
+def project(geometry: AscentGeometry, eps: Any, grads: Any, params: Any, radius: jax.Array) -> Any:
+    """Radial rescaling of ``eps`` back onto the ball of ``radius`` (of the geometry's norm)."""
+    r = geometry.norm(eps, grads, params)
+    scale = jnp.where(r > radius, radius / jnp.where(r > 0, r, 1.0), 1.0)
+    return jax.tree.map(lambda x: scale * x, eps)
+
+
+def refine(
+    geometry: AscentGeometry,
+    grad_at: Callable[[Any], Any],
+    params: Any,
+    grads: Any,
+    state: Any,
+    eps: Any,
+    steps: int,
+    step_size: float,
+) -> Any:
+    r"""``steps`` projected ascent steps from the one-step perturbation ``eps``.
+
+    .. math::
+
+      \epsilon_1 = \Pi_\rho(a\,\epsilon), \qquad
+      \epsilon_{k+1} = \Pi_\rho\big(\epsilon_k + a\,\mathrm{geometry}(\nabla L(w+\epsilon_k))\big)
+
+    with ``a = step_size`` and :math:`\Pi_\rho` the radial projection onto the
+    ball of the radius of ``eps``; ``grad_at(perturbed params) -> grads`` is one
+    gradient pass, so the ascent costs ``steps - 1`` passes beyond the first.
+    """
+    radius = geometry.norm(eps, grads, params)
+    eps = project(geometry, jax.tree.map(lambda x: step_size * x, eps), grads, params, radius)
+    for _ in range(steps - 1):
+        gk = grad_at(_utils.add_perturbation(params, eps))
+        d, _ = geometry.update(gk, state, params)
+        eps = project(geometry, jax.tree.map(lambda e, x: e + step_size * x, eps, d), gk, params, radius)
+    return eps

@@ -1,0 +1,98 @@
+"""Chunk layouts inside one device: running a per-shard function over ``[C, m, ...]`` chunks.
+
+Every layout returns the mean over the chunks of the floating leaves (in at
+least float32, returned in their dtype) and the max of the other leaves
+(counters, flags), so ``'vmap'``, ``'unroll'``, ``'scan'`` and micro-batch
+accumulation agree on every leaf.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from sam_optax.data import _shards
+
+
+def _lowest(dtype: Any) -> Any:
+    """The identity of ``max`` for a non-floating dtype."""
+    if dtype == jnp.bool_:
+        return False
+    return jnp.iinfo(dtype).min
+
+
+def _accumulate(total: jax.Array, x: Any) -> jax.Array:
+    x = jnp.asarray(x)
+    if jnp.issubdtype(x.dtype, jnp.inexact):
+        return total + x.astype(total.dtype)
+    return jnp.maximum(total, x)
+
+
+def _initial(shapes: Any, like: jax.Array) -> Any:
+    """The carry of a running mean/max: zeros (floats, widened) or the lowest value."""
+    zeros = _shards.zeros_varying_like(shapes, like)
+    return jax.tree.map(
+        lambda z, s: z if jnp.issubdtype(s.dtype, jnp.inexact) else jnp.full_like(z, _lowest(s.dtype)),
+        zeros,
+        shapes,
+    )
+
+
+def _finish(total: jax.Array, n: int, dtype: Any) -> jax.Array:
+    if jnp.issubdtype(dtype, jnp.inexact):
+        return (total / n).astype(dtype)
+    return total
+
+
+def scan_mean(fn: Callable[[Any], tuple[Any, Any]], stacked: Any, side: Any, like: jax.Array):
+    """``fn(x) -> (result, side)`` over the leading axis of ``stacked`` in a ``lax.scan``
+    (memory of one element): the mean (floats) / max (others) of the results and
+    the last ``side`` value (``side``: its initial value). ``like``: an array whose
+    manual mesh axes the carry must vary over (e.g. a parameter)."""
+    n = jax.tree.leaves(stacked)[0].shape[0]
+    shapes, _ = jax.eval_shape(fn, jax.tree.map(lambda x: x[0], stacked))
+
+    def step(carry, x):
+        res, new_side = fn(x)
+        return (jax.tree.map(_accumulate, carry[0], res), new_side), None
+
+    (total, side), _ = jax.lax.scan(step, (_initial(shapes, like), side), stacked)
+    return jax.tree.map(lambda t, s: _finish(t, n, s.dtype), total, shapes), side
+
+
+def over_chunks(body: Callable[[Any], tuple[Any, Any]], batch: Any, n: int, mode: str, state: Any, like: jax.Array):
+    """Runs ``body(shard) -> (result, new_state)`` on ``n`` contiguous chunks of
+    ``batch`` laid out by ``mode``; returns ``(chunk mean of result, new_state)``.
+
+    ``new_state`` (the geometry's; ``state`` is its value before the step) must
+    not depend on the shard's data: one chunk's is returned.
+    """
+    if n == 1:
+        return body(batch)
+    chunks = _shards.split(batch, n)
+    if mode == "vmap":
+        stacked, new_state = jax.vmap(body, out_axes=(0, None))(chunks)
+        return _shards.chunk_mean(stacked), new_state
+    if mode == "unroll":
+        outs = [body(jax.tree.map(lambda x: x[i], chunks)) for i in range(n)]
+        return _shards.list_mean([o[0] for o in outs]), outs[0][1]
+    return scan_mean(body, chunks, state, like)
+
+
+def micro_batched(vg: Callable[[Any], Any], shard: Any, microbatch_size: Any, like: jax.Array) -> Any:
+    """``vg(shard)`` (``((loss, aux), grads)``), accumulated over micro-batches of
+    ``microbatch_size`` examples when given: means of the floating leaves (exact
+    for a loss that is a mean over examples), max of the others; only one
+    micro-batch's activations are live at a time."""
+    if microbatch_size is None:
+        return vg(shard)
+    size = _shards.batch_size(shard)
+    if size % microbatch_size:
+        raise ValueError(f"microbatch_size={microbatch_size} must divide the m-sharpness shard size {size}.")
+    n = size // microbatch_size
+    if n == 1:
+        return vg(shard)
+    res, _ = scan_mean(lambda mb: (vg(mb), None), _shards.split(shard, n), None, like)
+    return res
