@@ -116,3 +116,23 @@ def test_readme_claims_tables_are_the_saved_runs():
     want = mod.report_markdown(mod.collect(mod.Store(results / "runs.jsonl"), seeds), seeds)
     text = README.read_text()
     assert text[text.index(mod.START) + len(mod.START):text.index(mod.END)].strip() == want.strip()
+
+
+def test_readme_one_object_and_param_groups_section_runs():
+    """The one-object form, grouped_l2 and SAM-ON example: runs, and SAM-ON perturbs only
+    the normalization layer with norm rho."""
+    import jax
+    import jax.numpy as jnp
+
+    (block,) = section_blocks("One object, param groups and SAM-ON")
+    ns = {}
+    exec(compile(block, "README-one-object", "exec"), ns)
+    eps = ns["eps"]
+    assert float(jnp.max(jnp.abs(eps["dense"]["kernel"]))) == 0.0
+    norm = jnp.sqrt(sum(jnp.sum(x**2) for x in (eps["norm"]["scale"], eps["norm"]["bias"])))
+    assert abs(float(norm) - 0.05) < 1e-6
+    assert float(jnp.max(jnp.abs(ns["updates"]["dense"]["kernel"]))) > 0.0
+    g, e = ns["grad_fn"](ns["params"]), ns["eps_groups"]
+    gnorm = jnp.sqrt(sum(jnp.sum(x**2) for x in jax.tree.leaves(g)))
+    assert jnp.allclose(e["dense"]["kernel"], 0.05 * g["dense"]["kernel"] / gnorm, atol=1e-7)
+    assert jnp.allclose(e["norm"]["scale"], 0.1 * g["norm"]["scale"] / gnorm, atol=1e-7)
