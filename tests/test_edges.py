@@ -1,0 +1,55 @@
+"""Issue 11 items 7 and 8: edge shapes, and loss outputs that would be misread."""
+
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+
+import sam_optax
+from helpers import assert_trees_close, loss_fn, make_batch, make_params, per_example_loss
+from sam_optax import geometry
+from sam_optax.data import sharpness_sensitive, shards
+
+P0 = make_params()
+BATCH = make_batch()
+
+
+# --------------------------------------------------------------------------- item 8: loss outputs
+
+
+def test_a_pair_without_has_aux_is_an_error_not_two_losses():
+    """Before: (loss, aux) was stacked into a vector of two 'per-example losses' (loss halved)."""
+    f = sam_optax.sharpness_aware_grad(lambda p, b: (loss_fn(p, b), jnp.zeros(())), geometry.l2(0.05))
+    with pytest.raises(ValueError, match="pass has_aux=True"):
+        f(P0, BATCH)
+    with pytest.raises(TypeError):  # what jax.value_and_grad does with the same function
+        jax.value_and_grad(lambda p, b: (loss_fn(p, b), jnp.zeros(())))(P0, BATCH)
+
+
+def test_has_aux_with_a_scalar_loss_is_a_clear_error():
+    f = sam_optax.sharpness_aware_grad(loss_fn, geometry.l2(0.05), has_aux=True)
+    with pytest.raises(ValueError, match=r"has_aux=True loss_fn must return a pair \(loss, aux\)"):
+        f(P0, BATCH)
+
+
+@pytest.mark.parametrize("data", [shards(), shards(8), shards(selection=sharpness_sensitive(0.5))],
+                         ids=["one", "chunks", "sds"])
+def test_per_example_losses_must_match_the_batch(data):
+    """Before: 5 losses for 32 examples were averaged, and SDS clamped indices past the batch."""
+    f = sam_optax.sharpness_aware_grad(lambda p, b: per_example_loss(p, b)[:5], geometry.l2(0.05), data)
+    with pytest.raises(ValueError, match="returned 5 per-example losses for a batch of"):
+        f(P0, BATCH)
+
+
+def test_per_example_losses_of_the_right_length_are_the_mean():
+    a = sam_optax.sharpness_aware_grad(per_example_loss, geometry.l2(0.05))(P0, BATCH)
+    b = sam_optax.sharpness_aware_grad(loss_fn, geometry.l2(0.05))(P0, BATCH)
+    assert_trees_close(a.perturbed_grads, b.perturbed_grads)
+    assert abs(float(a.loss) - float(b.loss)) < 1e-6
+
+
+def test_rule_update_still_works_after_the_check():
+    tx = sam_optax.sam(optax.sgd(0.1))
+    out = sam_optax.sharpness_aware_grad(per_example_loss, geometry.l2(0.05))(P0, BATCH)
+    u, _ = tx.update(out.grads, tx.init(P0), P0, perturbed_grads=out.perturbed_grads, clean_grads=out.grads)
+    assert_trees_close(u, jax.tree.map(lambda g: -0.1 * g, out.perturbed_grads))
