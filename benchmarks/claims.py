@@ -84,7 +84,10 @@ class Store:
         """Drops runs of configurations no longer in the suite (e.g. after a change of grid)."""
         keys = {_key(c) for c in configs}
         self.runs = {k: v for k, v in self.runs.items() if k in keys}
-        self.path.write_text("".join(json.dumps(row) + "\n" for row in self.runs.values()))
+        from sam_optax.experiments import _io
+
+        text = "".join(json.dumps(row) + "\n" for row in self.runs.values())
+        _io.atomic_write(str(self.path), lambda f: f.write(text))  # never a truncated store
 
     def add(self, config, result):
         row = {"key": _key(config), "config": config, "result": result}
@@ -343,21 +346,27 @@ def plots(stats, out: pathlib.Path):
     ax.set_title("AdamW vs Adam + L2")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "claims.png", dpi=110)
-    plt.close(fig)
+    from sam_optax.experiments import _io
+
+    try:
+        _io.save_figure(fig, str(out / "claims.png"), dpi=110)
+    finally:
+        plt.close(fig)
 
 
 def write_report(store, seeds, write_readme: bool):
+    from sam_optax.experiments import _io
+
     stats = collect(store, seeds)
-    (OUT / "summary.json").write_text(json.dumps(stats, indent=2))
+    _io.write_json(str(OUT / "summary.json"), stats)
     text = report_markdown(stats, seeds)
-    (OUT / "report.md").write_text(text + "\n")
+    _io.atomic_write(str(OUT / "report.md"), lambda f: f.write(text + "\n"))
     plots(stats, OUT)
     if write_readme:
         readme = ROOT / "README.md"
         s = readme.read_text()
         i, j = s.index(START) + len(START), s.index(END)
-        readme.write_text(s[:i] + "\n" + text + "\n" + s[j:])
+        _io.atomic_write(str(readme), lambda f: f.write(s[:i] + "\n" + text + "\n" + s[j:]))
     return text
 
 

@@ -16,6 +16,10 @@ On CPU the benchmark runs XLA single-threaded and pinned to one core by
 default (``--threads one``): on a small shared machine, multi-threaded XLA
 makes ratios between identical programs drift by 10%; one pinned thread keeps
 them within a few percent. ``--threads all`` measures the default setting.
+
+Ctrl-C stops at the next safe point (after a compilation or a round), saves the
+models whose timed rounds had started (from the rounds done, ``"complete":
+false``) and exits with status 130.
 """
 
 from __future__ import annotations
@@ -23,10 +27,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import contextlib
 import platform
+import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -38,6 +45,7 @@ import optax
 import sam_optax
 from sam_optax import geometry
 from sam_optax._argtypes import positive_int as _positive_int
+from sam_optax.experiments import _interrupt, _io
 
 TARGETS = {
     "sam": ("<=", 2.03, "base"),
@@ -196,6 +204,21 @@ def _memory(compiled) -> dict:
     return out
 
 
+def _machine() -> dict:
+    return {
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "cpu_affinity": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "backend": jax.default_backend(),
+        "device": str(jax.devices()[0].device_kind),
+        "devices": jax.device_count(),
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "jax": jax.__version__,
+        "optax": optax.__version__,
+        "sam_optax": sam_optax.__version__,
+    }
+
+
 def run(
     *,
     batch_size: int = 128,
@@ -206,104 +229,138 @@ def run(
     out_dir: Optional[str] = None,
     progress: bool = True,
 ) -> dict:
-    """Runs the benchmark and returns (and optionally saves) the results dict."""
+    """Runs the benchmark and returns (and optionally saves) the results dict.
+
+    Inside ``experiments._interrupt.sigint_sets_flag`` (``sam-optax bench``),
+    Ctrl-C stops the benchmark at the next safe point: during compilation the
+    model in progress is dropped; during the timed rounds its table is made
+    from the rounds already finished (``rounds_done``). Then ``"complete"`` is
+    false and the remaining models are skipped.
+    """
     lr, rho = 0.05, 0.05
     results: dict[str, Any] = {
-        "machine": {
-            "xla_flags": os.environ.get("XLA_FLAGS", ""),
-            "cpu_affinity": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-            "backend": jax.default_backend(),
-            "device": str(jax.devices()[0].device_kind),
-            "devices": jax.device_count(),
-            "cpu_count": os.cpu_count(),
-            "platform": platform.platform(),
-            "jax": jax.__version__,
-            "optax": optax.__version__,
-            "sam_optax": sam_optax.__version__,
-        },
+        "machine": _machine(),
         "settings": {"batch_size": batch_size, "rounds": rounds, "steps_per_round": steps_per_round, "seed": seed},
+        "complete": False,  # every model, every round (set at the end)
         "models": {},
     }
     all_models = _models(batch_size, seed)
-    for model_name in models:
-        model, batch = all_models[model_name]
-        params0 = model.init(jax.random.PRNGKey(seed), batch["x"][:1])["params"]
-        param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params0))
-        methods = _methods(model, lr, rho, batch_size)
-        state = {}
-        info = {}
-        for mth in methods:
-            params = jax.tree.map(jnp.copy, params0)
-            opt_state = mth.init(params)
-            t0 = time.perf_counter()
-            compiled = (mth.jitted or mth.step).lower(params, opt_state, batch).compile()
-            compile_s = time.perf_counter() - t0
-            for _ in range(3):  # warm-up (the first calls also run the jit cache path)
-                params, opt_state, value = mth.step(params, opt_state, batch)
-            jax.block_until_ready(value)
-            state[mth.name] = (params, opt_state)
-            cost = compiled.cost_analysis()
-            cost = cost[0] if isinstance(cost, (list, tuple)) else (cost or {})
-            info[mth.name] = {"compile_s": compile_s, "memory": _memory(compiled), "times": [],
-                              "flops": float(cost.get("flops", 0.0)),
-                              "bytes_accessed": float(cost.get("bytes accessed", 0.0))}
-            if progress:
-                print(f"[{model_name}] compiled {mth.name:<20} {compile_s:6.2f} s", flush=True)
-        order_rng = np.random.default_rng(seed)
-        for r in range(rounds):
-            # a new order every round: no method always runs right after the same other one
-            for i in order_rng.permutation(len(methods)):
-                mth = methods[i]
-                params, opt_state = state[mth.name]
-                t0 = time.perf_counter()
-                for _ in range(steps_per_round):
-                    params, opt_state, value = mth.step(params, opt_state, batch)
-                jax.block_until_ready((params, value))
-                dt = (time.perf_counter() - t0) / (steps_per_round * mth.steps_per_call)
-                info[mth.name]["times"].append(dt / mth.updates_per_sam if mth.name.startswith("contrib") else dt)
-                state[mth.name] = (params, opt_state)
-            if progress:
-                print(f"[{model_name}] round {r + 1}/{rounds}", flush=True)
-        def paired(name, ref):
-            """Median over rounds of the ratio within each round (cancels drift between rounds)."""
-            return statistics.median(a / b for a, b in zip(info[name]["times"], info[ref]["times"]))
-
-        base_peak = info["base"]["memory"].get("peak_bytes")
-        table = {}
-        for mth in methods:
-            peak = info[mth.name]["memory"].get("peak_bytes")
-            table[mth.name] = {
-                "median_step_ms": 1e3 * statistics.median(info[mth.name]["times"]),
-                "ratio_to_base": paired(mth.name, "base"),
-                "ratio_to_sam": paired(mth.name, "sam"),
-                "ratio_to_contrib_opaque": paired(mth.name, "contrib_opaque"),
-                "compile_s": info[mth.name]["compile_s"],
-                "flops": info[mth.name]["flops"],
-                "bytes_accessed": info[mth.name]["bytes_accessed"],
-                "peak_bytes": peak,
-                "extra_peak_over_base_in_param_bytes": None if peak is None or base_peak is None
-                else (peak - base_peak) / param_bytes,
-                "times_ms": [1e3 * t for t in info[mth.name]["times"]],
-            }
-        checks = {}
-        for key, (op, limit, ref) in TARGETS.items():
-            if key == "sam_vs_contrib":
-                value = table["sam"]["ratio_to_contrib_opaque"]
-            elif key == "sam_extra_memory":
-                value = table["sam"]["extra_peak_over_base_in_param_bytes"]
-            elif ref == "sam":
-                value = table[key]["ratio_to_sam"]
-            else:
-                value = table[key]["ratio_to_base"]
-            checks[key] = {"value": value, "target": f"{op} {limit} x {ref}", "met": bool(value <= limit)}
-        results["models"][model_name] = {"param_bytes": param_bytes, "methods": table, "targets": checks}
+    try:
+        for model_name in models:
+            _interrupt.check()
+            model, batch = all_models[model_name]
+            results["models"][model_name] = _bench_model(model_name, model, batch, lr=lr, rho=rho, seed=seed,
+                                                         rounds=rounds, steps_per_round=steps_per_round,
+                                                         progress=progress)
+    except _interrupt.Interrupted:
+        pass
+    done = results["models"]
+    results["complete"] = list(done) == list(models) and all(m["rounds_done"] == rounds for m in done.values())
     if out_dir is not None:
         os.makedirs(out_dir, exist_ok=True)
-        name = f"step_cost_{results['machine']['backend']}.json"
-        with open(os.path.join(out_dir, name), "w") as f:
-            json.dump(results, f, indent=2)
-        results["saved_to"] = os.path.join(out_dir, name)
+        path = os.path.join(out_dir, f"step_cost_{results['machine']['backend']}.json")
+        _io.write_json(path, results)  # a temporary file renamed over the old one
+        results["saved_to"] = path
     return results
+
+
+def _compile_all(model_name, methods, params0, batch, progress):
+    """Compiles and warms up every method: ``(state, info)``; checks for Ctrl-C after each."""
+    state, info = {}, {}
+    for mth in methods:
+        params = jax.tree.map(jnp.copy, params0)
+        opt_state = mth.init(params)
+        t0 = time.perf_counter()
+        compiled = (mth.jitted or mth.step).lower(params, opt_state, batch).compile()
+        compile_s = time.perf_counter() - t0
+        for _ in range(3):  # warm-up (the first calls also run the jit cache path)
+            params, opt_state, value = mth.step(params, opt_state, batch)
+        jax.block_until_ready(value)
+        state[mth.name] = (params, opt_state)
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else (cost or {})
+        info[mth.name] = {"compile_s": compile_s, "memory": _memory(compiled), "times": [],
+                          "flops": float(cost.get("flops", 0.0)),
+                          "bytes_accessed": float(cost.get("bytes accessed", 0.0))}
+        if progress:
+            print(f"[{model_name}] compiled {mth.name:<20} {compile_s:6.2f} s", flush=True)
+        _interrupt.check()
+    return state, info
+
+
+def _time_rounds(model_name, methods, state, info, batch, *, rounds, steps_per_round, seed, progress) -> int:
+    """Interleaved timed rounds (times appended to ``info``); returns the rounds done
+    (fewer than ``rounds`` after Ctrl-C, which is checked after each round)."""
+    order_rng = np.random.default_rng(seed)
+    for r in range(rounds):
+        # a new order every round: no method always runs right after the same other one
+        for i in order_rng.permutation(len(methods)):
+            mth = methods[i]
+            params, opt_state = state[mth.name]
+            t0 = time.perf_counter()
+            for _ in range(steps_per_round):
+                params, opt_state, value = mth.step(params, opt_state, batch)
+            jax.block_until_ready((params, value))
+            dt = (time.perf_counter() - t0) / (steps_per_round * mth.steps_per_call)
+            info[mth.name]["times"].append(dt / mth.updates_per_sam if mth.name.startswith("contrib") else dt)
+            state[mth.name] = (params, opt_state)
+        if progress:
+            print(f"[{model_name}] round {r + 1}/{rounds}", flush=True)
+        if _interrupt.requested():
+            return r + 1
+    return rounds
+
+
+def _bench_model(model_name, model, batch, *, lr, rho, seed, rounds, steps_per_round, progress) -> dict:
+    """One model's results: ``param_bytes``, ``rounds_done``, the table of ``methods`` and ``targets``."""
+    params0 = model.init(jax.random.PRNGKey(seed), batch["x"][:1])["params"]
+    param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params0))
+    methods = _methods(model, lr, rho, batch["x"].shape[0])
+    state, info = _compile_all(model_name, methods, params0, batch, progress)
+    done = _time_rounds(model_name, methods, state, info, batch, rounds=rounds, steps_per_round=steps_per_round,
+                        seed=seed, progress=progress)
+    table = _summarize(methods, info, param_bytes)
+    return {"param_bytes": param_bytes, "rounds_done": done, "methods": table, "targets": _targets(table)}
+
+
+def _summarize(methods, info, param_bytes) -> dict:
+    def paired(name, ref):
+        """Median over rounds of the ratio within each round (cancels drift between rounds)."""
+        return statistics.median(a / b for a, b in zip(info[name]["times"], info[ref]["times"]))
+
+    base_peak = info["base"]["memory"].get("peak_bytes")
+    table = {}
+    for mth in methods:
+        peak = info[mth.name]["memory"].get("peak_bytes")
+        table[mth.name] = {
+            "median_step_ms": 1e3 * statistics.median(info[mth.name]["times"]),
+            "ratio_to_base": paired(mth.name, "base"),
+            "ratio_to_sam": paired(mth.name, "sam"),
+            "ratio_to_contrib_opaque": paired(mth.name, "contrib_opaque"),
+            "compile_s": info[mth.name]["compile_s"],
+            "flops": info[mth.name]["flops"],
+            "bytes_accessed": info[mth.name]["bytes_accessed"],
+            "peak_bytes": peak,
+            "extra_peak_over_base_in_param_bytes": None if peak is None or base_peak is None
+            else (peak - base_peak) / param_bytes,
+            "times_ms": [1e3 * t for t in info[mth.name]["times"]],
+        }
+    return table
+
+
+def _targets(table) -> dict:
+    checks = {}
+    for key, (op, limit, ref) in TARGETS.items():
+        if key == "sam_vs_contrib":
+            value = table["sam"]["ratio_to_contrib_opaque"]
+        elif key == "sam_extra_memory":
+            value = table["sam"]["extra_peak_over_base_in_param_bytes"]
+        elif ref == "sam":
+            value = table[key]["ratio_to_sam"]
+        else:
+            value = table[key]["ratio_to_base"]
+        checks[key] = {"value": value, "target": f"{op} {limit} x {ref}", "met": bool(value <= limit)}
+    return checks
 
 
 def format_table(results: dict) -> str:
@@ -338,43 +395,96 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--models", nargs="+", choices=("mlp", "cnn"), default=["mlp", "cnn"])
     parser.add_argument("--threads", choices=("one", "all"), default="one",
                         help="CPU: one pinned XLA thread (default, stable ratios) or XLA's default threads")
-    parser.add_argument("--out", default=os.path.join("benchmarks", "results"), help="folder for the JSON")
+    parser.add_argument("--out", default=os.path.join("benchmarks", "results"),
+                        help="folder for the JSON (checked before anything runs; written to a temporary file and "
+                             "renamed over the old one; locked during the run: a second run into it stops at once)")
     parser.add_argument("--tag", default="", help="suffix of the JSON file name")
     return parser
 
 
-def _parse(argv):
+def _parse(argv) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.batch_size % 8:
         parser.error(f"--batch-size {args.batch_size} must be a multiple of 8 (m-sharpness with m = batch / 8)")
-    return args
+    if os.sep in args.tag or (os.altsep and os.altsep in args.tag):
+        parser.error(f"argument --tag: {args.tag!r} must not contain a path separator (it is a file name suffix)")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        parser.error(f"argument --out: {args.out!r} is a file, not a folder")
+    return parser, args
 
 
 def main(argv=None) -> int:
-    """Runs in the current process (XLA flags must already be set)."""
-    args = _parse(argv)
-    if args.threads == "one" and hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, {max(os.sched_getaffinity(0))})
-    res = run(batch_size=args.batch_size, rounds=args.rounds, steps_per_round=args.steps_per_round,
-              models=tuple(args.models), out_dir=None)
-    res["settings"]["threads"] = args.threads
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"step_cost_{res['machine']['backend']}{args.tag}.json")
-    with open(path, "w") as f:
-        json.dump(res, f, indent=2)
+    """Runs in the current process (XLA flags must already be set).
+
+    Every output path is checked and ``--out`` locked before anything is
+    compiled; Ctrl-C saves what finished (``"complete": false``) and returns 130.
+    """
+    parser, args = _parse(argv)
+    with _interrupt.sigint_sets_flag(), contextlib.ExitStack() as stack:
+        path = os.path.join(args.out, f"step_cost_{jax.default_backend()}{args.tag}.json")
+        try:
+            _io.check_outputs(args.out, [os.path.basename(path)])
+            stack.enter_context(_io.lock_folder(args.out, command=" ".join(["sam-optax bench", *(argv or [])])))
+        except _io.OutputError as e:
+            parser.error(f"argument --out: {e}")
+        if args.threads == "one" and hasattr(os, "sched_setaffinity"):
+            os.sched_setaffinity(0, {max(os.sched_getaffinity(0))})
+        res = run(batch_size=args.batch_size, rounds=args.rounds, steps_per_round=args.steps_per_round,
+                  models=tuple(args.models), out_dir=None)
+        res["settings"]["threads"] = args.threads
+        try:
+            if res["models"]:
+                _io.write_json(path, res)  # a temporary file renamed over the old one
+        except OSError as e:
+            print(f"sam-optax bench: error: cannot write {path}: {e}", file=sys.stderr)
+            return 2
+        if not res["complete"]:
+            done = ", ".join(f"{m} ({r['rounds_done']} of {args.rounds} rounds)" for m, r in res["models"].items())
+            print("sam-optax bench: interrupted; " + (f"saved {done} to {path}, marked incomplete" if done
+                                                      else "no model had reached its timed rounds, nothing saved"),
+                  file=sys.stderr)
+            return 130
     print(format_table(res))
     print(f"\nsaved {path}")
     return 0
 
 
 def launch(argv) -> int:
-    """Starts ``python -m sam_optax.benchmarking`` with the XLA flags of ``--threads``."""
-    args = _parse(argv)
+    """Starts ``python -m sam_optax.benchmarking`` with the XLA flags of ``--threads``.
+
+    Ctrl-C here is passed on to the benchmark process (which saves what finished
+    and exits with 130); this process waits for it and returns its status.
+    """
+    _, args = _parse(argv)
     env = dict(os.environ)
     if args.threads == "one":
         env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + SINGLE_THREAD_FLAGS).strip()
-    return subprocess.call([sys.executable, "-m", "sam_optax.benchmarking", *argv], env=env)
+    cmd = [sys.executable, "-m", "sam_optax.benchmarking", *argv]
+    if threading.current_thread() is not threading.main_thread():
+        return subprocess.call(cmd, env=env)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # the child starts ignoring SIGINT ...
+    try:
+        proc = subprocess.Popen(cmd, env=env)
+        pending = []
+
+        def forward(signum, frame):  # ... until its own handler (a flag) is installed
+            pending.append(signum)
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGINT)
+
+        signal.signal(signal.SIGINT, forward)
+        while True:
+            try:
+                rc = proc.wait(timeout=0.5)
+                break
+            except subprocess.TimeoutExpired:
+                if pending:  # sent while the child was still starting (and ignoring it): again
+                    with contextlib.suppress(ProcessLookupError):
+                        proc.send_signal(signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    return rc if rc >= 0 else 128 - rc
 
 
 if __name__ == "__main__":

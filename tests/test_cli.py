@@ -48,11 +48,13 @@ def test_bad_arguments_exit_2_with_a_message(argv, message, capsys):
     assert message in err and "Traceback" not in err
 
 
-def test_bad_value_found_late_is_an_error_not_a_traceback(tmp_path, capsys):
-    rc = cli.main(["compare", "--dataset", "digits", "--batch-size", "5000", "--methods", "sgd",
-                   "--out", str(tmp_path), "--no-progress"])
+def test_batch_larger_than_the_training_set_is_a_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["compare", "--dataset", "digits", "--batch-size", "5000", "--methods", "sgd",
+                  "--out", str(tmp_path), "--no-progress"])
     err = capsys.readouterr().err
-    assert rc == 2 and "batch_size 5000 is larger than the training set" in err and "Traceback" not in err
+    assert e.value.code == 2 and "Traceback" not in err and "usage: sam-optax compare" in err
+    assert "argument --batch-size: 5000 is larger than the training set of digits (1437 examples)" in err
 
 
 def test_bench_argument_errors():
@@ -84,8 +86,12 @@ def test_toy_reproduces_the_wsam_figure(tmp_path, capsys):
     assert rows["SAM"][2] == "sharp" and rows["WSAM coupled gamma=0.6"][2] == "sharp"
     assert rows["WSAM coupled gamma=0.95"][2] == "flat"
     assert rows["WSAM decoupled gamma=0.95"][2] == "sharp"
-    # end points as in the figure: the sharp minimum (-16.8, 12.8) and the flat one (19.8, 29.9)
-    for label, (mu, sigma) in [("SAM", (-16.8, 12.8)), ("WSAM coupled gamma=0.6", (-16.8, 12.8)),
-                               ("WSAM coupled gamma=0.95", (19.8, 29.9))]:
-        assert abs(float(rows[label][0]) - mu) < 0.3 and abs(float(rows[label][1]) - sigma) < 0.3, rows[label]
+    # end points of the float64 run: the sharp minimum (-16.8, 12.8) and the flat one (19.8, 29.9). SAM and
+    # coupled gamma=0.95 match an independent float64 reference to 1e-5 (test_cli_robust.py); the float32
+    # run ended 0.29 away (19.84, 30.06). Coupled gamma=0.6 bounces around the sharp minimum, where
+    # rounding of gamma alone moves the end point by 0.1, so it gets a looser bound.
+    for label, (mu, sigma), tol in [("SAM", (-16.787, 12.747), 0.002),
+                                    ("WSAM coupled gamma=0.95", (19.815, 29.766), 0.002),
+                                    ("WSAM coupled gamma=0.6", (-16.8, 12.8), 0.15)]:
+        assert abs(float(rows[label][0]) - mu) <= tol and abs(float(rows[label][1]) - sigma) <= tol, rows[label]
     assert (tmp_path / "wsam_toy.png").stat().st_size > 10_000
