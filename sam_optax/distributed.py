@@ -12,7 +12,7 @@ A step on a pod, one process per host::
     mesh = sam_optax.distributed.data_mesh()      # all devices of all hosts, axis "data"
     init, step = sam_optax.sharpness_aware_step(loss_fn, tx, geometry, sam_optax.data.shards(mesh=mesh))
     params = sam_optax.distributed.replicate(params, mesh)
-    state = jax.jit(init)(params)
+    state = init(params)                          # placed on the mesh where the step leaves it
     step = jax.jit(step)
     for local_batch in my_hosts_data():           # this host's share of the global batch
         batch = sam_optax.distributed.global_batch(local_batch, mesh)
@@ -26,6 +26,8 @@ from typing import Any, Optional
 import jax
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+__all__ = ["abstract_like", "data_mesh", "global_batch", "is_placed", "place", "replicate", "to_host"]
 
 
 def data_mesh(axis_name: str = "data", devices: Optional[list] = None) -> jax.sharding.Mesh:
@@ -56,3 +58,161 @@ def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
 def to_host(tree: Any) -> Any:
     """numpy copies of replicated global arrays (each process reads its own replica)."""
     return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
+
+
+def _canonical(mesh: jax.sharding.Mesh, spec: P, ndim: int) -> NamedSharding:
+    """``NamedSharding(mesh, spec)`` spelled as a jitted step returns it, so that
+    the step's outputs hit the same compilation as its inputs: on a mesh with
+    Explicit axes the spec has one entry per dimension (``P(None, None)``), on
+    an Auto mesh trailing ``None`` entries are dropped (``P()``)."""
+    parts = list(spec)[:ndim]
+    if AxisType.Explicit in tuple(mesh.axis_types):
+        parts += [None] * (ndim - len(parts))
+    else:
+        while parts and parts[-1] is None:
+            parts.pop()
+    return NamedSharding(mesh, P(*parts))
+
+
+def _put(x: Any, sharding: NamedSharding) -> Any:
+    """``x`` on ``sharding`` (unchanged if it is already there)."""
+    if isinstance(x, jax.Array) and x.sharding == sharding:
+        return x
+    if sharding.is_fully_addressable or isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return jax.device_put(x, sharding)
+    # a host value (or one process's copy) for a mesh spanning several processes
+    return jax.make_array_from_process_local_data(sharding, np.asarray(x))
+
+
+def _on_mesh_spec(x: Any, mesh: jax.sharding.Mesh) -> Optional[P]:
+    """The spec of ``x`` if it is a global array or ShapeDtypeStruct already sharded on ``mesh``."""
+    sharding = getattr(x, "sharding", None)
+    if isinstance(sharding, NamedSharding) and sharding.mesh == mesh:
+        return sharding.spec
+    return None
+
+
+def _like_subtrees(tree: Any, like: Any) -> Any:
+    """``tree`` with every subtree shaped like ``like`` (same structure and leaf
+    shapes: a copy of the parameters in an optimizer state) replaced by a
+    marker pairing it with ``like``."""
+    structure = jax.tree.structure(like)
+    shapes = [np.shape(x) for x in jax.tree.leaves(like)]
+
+    def matches(t):
+        if t is None or jax.tree.structure(t) != structure:
+            return False
+        return [np.shape(x) for x in jax.tree.leaves(t)] == shapes
+
+    return jax.tree.map(lambda t: _Like(t) if matches(t) else t, tree, is_leaf=matches)
+
+
+class _Like:
+    """A subtree of the state shaped like the parameters (a leaf for ``jax.tree.map``)."""
+
+    def __init__(self, tree):
+        self.tree = tree
+
+
+def place(tree: Any, mesh: jax.sharding.Mesh, like: Any = None) -> Any:
+    """Puts every array of ``tree`` on ``mesh``, where a jitted step leaves it.
+
+    * a subtree shaped like ``like`` (the parameters: same structure and leaf
+      shapes, e.g. Adam's moments in an optimizer state) takes the sharding of
+      ``like``'s leaves (those on ``mesh``; the others are replicated);
+    * any other leaf already sharded on ``mesh`` keeps its sharding;
+    * everything else (counters, random keys, single-device arrays, numpy
+      values) is replicated, ``NamedSharding(mesh, P())``.
+
+    Specs are spelled as a jitted step returns them, so the step compiles once:
+    placed with this, the inputs of step 1 have the shardings of its outputs.
+    Arrays already in place are returned as they are (no copy). Call it
+    outside ``jit``; on several processes every process passes the same values
+    for the replicated leaves.
+
+    Args:
+      tree: a pytree of arrays (parameters, an optimizer state, a Flax
+        ``TrainState``, an NNX ``nnx.State``).
+      mesh: the global mesh.
+      like: optional pytree of arrays (or ``jax.ShapeDtypeStruct`` with
+        shardings), usually the already placed parameters.
+
+    Returns:
+      ``tree`` with every array on ``mesh``.
+
+    Example::
+
+      >>> import jax, jax.numpy as jnp, optax, sam_optax
+      >>> mesh = sam_optax.distributed.data_mesh(devices=jax.devices()[:1])
+      >>> params = sam_optax.distributed.place({"w": jnp.zeros(3)}, mesh)
+      >>> state = sam_optax.distributed.place(optax.adam(1e-3).init(params), mesh, like=params)
+      >>> state[0].mu["w"].sharding.spec
+      PartitionSpec()
+    """
+    if not isinstance(mesh, jax.sharding.Mesh):
+        raise ValueError(f"mesh must be a jax.sharding.Mesh, got {mesh!r}.")
+
+    def leaf(x, spec=None):
+        if isinstance(x, jax.core.Tracer) or not hasattr(x, "shape"):
+            return x
+        spec = _on_mesh_spec(x, mesh) if spec is None else spec
+        return _put(x, _canonical(mesh, P() if spec is None else spec, np.ndim(x)))
+
+    def node(t):
+        if not isinstance(t, _Like):
+            return leaf(t)
+        specs = [_on_mesh_spec(p, mesh) for p in jax.tree.leaves(like)]
+        leaves = [leaf(x, P() if s is None else s) for x, s in zip(jax.tree.leaves(t.tree), specs)]
+        return jax.tree.unflatten(jax.tree.structure(t.tree), leaves)
+
+    if like is not None:
+        tree = _like_subtrees(tree, like)
+    return jax.tree.map(node, tree, is_leaf=lambda t: isinstance(t, _Like))
+
+
+def is_placed(tree: Any, mesh: jax.sharding.Mesh) -> bool:
+    """Whether every array of ``tree`` is on ``mesh`` with a spec spelled as a
+    jitted step returns it (cheap: no shardings are built or compared beyond
+    the mesh). Tracers and non-array leaves count as placed."""
+    explicit = AxisType.Explicit in tuple(mesh.axis_types)
+    for x in jax.tree.leaves(tree):
+        if isinstance(x, jax.core.Tracer) or not hasattr(x, "shape"):
+            continue
+        sharding = getattr(x, "sharding", None)
+        if not isinstance(sharding, NamedSharding) or sharding.mesh != mesh:
+            return False
+        spec = sharding.spec
+        if (len(spec) != np.ndim(x)) if explicit else (len(spec) and spec[-1] is None):
+            return False
+    return True
+
+
+def abstract_like(tree: Any) -> Any:
+    """The restore target of an orbax checkpoint of ``tree``, on ``tree``'s devices.
+
+    Every array becomes ``jax.ShapeDtypeStruct(x.shape, x.dtype,
+    sharding=x.sharding)``, so ``ocp.StandardCheckpointer().restore(path,
+    abstract_like(state))`` puts every leaf back where the live state has it
+    (sharded or replicated on the mesh), and the resumed step neither fails
+    ("incompatible devices") nor compiles again. Other leaves are kept.
+
+    Args:
+      tree: a live pytree of arrays (e.g. a fresh state placed with
+        :func:`place`, or ``nnx.state((model, optimizer))``).
+
+    Returns:
+      The pytree of ``jax.ShapeDtypeStruct``.
+
+    Example::
+
+      >>> import jax, jax.numpy as jnp, sam_optax
+      >>> sam_optax.distributed.abstract_like({"w": jnp.zeros(3)})["w"].shape
+      (3,)
+    """
+
+    def leaf(x):
+        if isinstance(x, jax.Array):
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+        return x
+
+    return jax.tree.map(leaf, tree)

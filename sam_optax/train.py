@@ -7,6 +7,7 @@ from typing import Any, Callable, NamedTuple, Optional
 import jax
 import optax
 
+from sam_optax import distributed
 from sam_optax.data._axis import DataAxis
 from sam_optax.geometry import AscentGeometry, l2
 from sam_optax.rules import check_placement
@@ -49,6 +50,11 @@ def sharpness_aware_step(
     step (with LookSAM: ``sam_optax.looksam_full_step(state.opt_state)``); on
     XLA:CPU this avoids running convolutions inside a conditional. ``step`` is not jitted, so it
     can be wrapped in ``jax.jit`` with donation, or called inside a larger step.
+    With ``data=shards(mesh=mesh)``, ``init(params)`` (called outside ``jit``)
+    places the state on the mesh where the step leaves it (param-shaped leaves
+    sharded like ``params``, the rest replicated; see
+    :func:`sam_optax.distributed.place`): put ``params`` on the mesh first with
+    ``sam_optax.distributed.place(params, mesh)`` and the jitted step compiles once.
 
     Example::
 
@@ -67,7 +73,10 @@ def sharpness_aware_step(
     def init(params):
         opt_state = tx.init(params)
         check_placement(opt_state)
-        return SharpnessAwareState(opt_state=opt_state, ascent_state=geometry.init(params))
+        state = SharpnessAwareState(opt_state=opt_state, ascent_state=geometry.init(params))
+        if data is not None and data.mesh is not None:  # where the step leaves it: one compilation
+            state = distributed.place(state, data.mesh, like=params)
+        return state
 
     def step(params, state, batch, *args, second_pass="auto"):
         second_pass = resolve_second_pass(second_pass, state.opt_state)

@@ -69,14 +69,40 @@ class _ShardResult(NamedTuple):
     perturbed_loss: jax.Array
 
 
+def _leading_size(batch: Any) -> Optional[int]:
+    """The leading size all leaves of ``batch`` share, or ``None`` (e.g. a graph batch)."""
+    sizes = {x.shape[0] if jnp.ndim(x) else None for x in jax.tree.leaves(batch)}
+    return sizes.pop() if len(sizes) == 1 else None
+
+
+def _split_output(out: Any, has_aux: bool) -> tuple[Any, Any]:
+    """``(value, aux)`` of what ``loss_fn`` returned; ``ValueError`` where it cannot be right."""
+    if not has_aux:
+        if isinstance(out, (tuple, list)):
+            raise ValueError(
+                f"loss_fn returned a {type(out).__name__} of {len(out)} items: pass has_aux=True "
+                "if it returns (loss, aux), as jax.value_and_grad needs."
+            )
+        return out, None
+    if not isinstance(out, (tuple, list)) or len(out) != 2:
+        got = f"an array of shape {jnp.shape(out)}" if hasattr(out, "shape") else type(out).__name__
+        raise ValueError(f"with has_aux=True loss_fn must return a pair (loss, aux), got {got}.")
+    return out[0], out[1]
+
+
 def _mean_loss(loss_fn: Callable[..., Any], has_aux: bool, per_example: bool) -> Callable[..., Any]:
     """``fn(params, batch, *args) -> (mean loss, (aux, per-example losses or None))``."""
 
     def fn(params, batch, *args):
-        out = loss_fn(params, batch, *args)
-        value, aux = out if has_aux else (out, None)
+        value, aux = _split_output(loss_fn(params, batch, *args), has_aux)
         value = jnp.asarray(value)
         if value.ndim == 1:
+            size = _leading_size(batch)
+            if size is not None and value.shape[0] != size:
+                raise ValueError(
+                    f"loss_fn returned {value.shape[0]} per-example losses for a batch of {size} "
+                    "examples: return one loss per example, or their mean (a scalar)."
+                )
             return jnp.mean(value), (aux, value if per_example else None)
         if value.ndim != 0:
             raise ValueError(f"loss_fn must return a scalar or per-example losses [n], got shape {value.shape}.")
@@ -258,7 +284,7 @@ def sharpness_aware_grad(
     step_size = ascent_step_size if ascent_step_size is not None else 1.0 / ascent_steps
     fn = _mean_loss(loss_fn, has_aux, data.selection is not None)
     local = _per_device(_shard_body(fn, geometry, data, ascent_steps, step_size), data)
-    run = local if data.mesh is None else on_mesh(local, data)
+    run = on_mesh(local, data)
 
     @jax.jit
     def jitted(params, batch, *args, ascent_state=None, flag=_Always()):

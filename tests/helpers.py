@@ -76,13 +76,13 @@ def batches(n_steps: int, n: int = 32, seed: int = 100):
     return [make_batch(seed + i, n) for i in range(n_steps)]
 
 
-def train(tx, geo, params, batch_list, *, m=None, loss=None, data_selection=None, **sa_kwargs):
+def train(tx, geo, params, batch_list, *, m=None, mesh=None, loss=None, data_selection=None, **sa_kwargs):
     """Runs the library's two-pass helper + rule for len(batch_list) steps."""
     import optax
     import sam_optax
 
     f = sam_optax.sharpness_aware_grad(
-        loss or loss_fn, geo, sam_optax.data.shards(m=m, selection=data_selection), **sa_kwargs)
+        loss or loss_fn, geo, sam_optax.data.shards(m=m, mesh=mesh, selection=data_selection), **sa_kwargs)
     state, ascent = tx.init(params), geo.init(params)
 
     @jax.jit

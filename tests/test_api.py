@@ -126,7 +126,7 @@ def test_one_object_form_errors():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(m=0), "m must be an integer >= 1"),
+        (dict(m=0), "m must be an integer"),
         (dict(chunk_mode="loop"), "chunk_mode"),
         (dict(microbatch_size=2.0), "microbatch_size"),
         (dict(axis_name=3), "axis_name"),

@@ -62,13 +62,8 @@ def scan_mean(fn: Callable[[Any], tuple[Any, Any]], stacked: Any, side: Any, lik
     return jax.tree.map(lambda t, s: _finish(t, n, s.dtype), total, shapes), side
 
 
-def over_chunks(body: Callable[[Any], tuple[Any, Any]], batch: Any, n: int, mode: str, state: Any, like: jax.Array):
-    """Runs ``body(shard) -> (result, new_state)`` on ``n`` contiguous chunks of
-    ``batch`` laid out by ``mode``; returns ``(chunk mean of result, new_state)``.
-
-    ``new_state`` (the geometry's; ``state`` is its value before the step) must
-    not depend on the shard's data: one chunk's is returned.
-    """
+def _local_chunks(body: Callable[[Any], tuple[Any, Any]], batch: Any, n: int, mode: str, state: Any, like: jax.Array):
+    """``body`` over ``n`` contiguous chunks of ``batch`` (one device's), laid out by ``mode``."""
     if n == 1:
         return body(batch)
     chunks = _shards.split(batch, n)
@@ -79,6 +74,44 @@ def over_chunks(body: Callable[[Any], tuple[Any, Any]], batch: Any, n: int, mode
         outs = [body(jax.tree.map(lambda x: x[i], chunks)) for i in range(n)]
         return _shards.list_mean([o[0] for o in outs]), outs[0][1]
     return scan_mean(body, chunks, state, like)
+
+
+def _device_chunks(body, batch, n, mode, state, like, axes: tuple[str, ...], groups: int):
+    """The ``n`` chunks of a batch whose leading axis is sharded over the mesh
+    axes ``axes`` (``groups`` devices): a ``[groups, n // groups, m, ...]`` view,
+    ``vmap``-ed over the device axis with ``spmd_axis_name`` and laid out by
+    ``mode`` inside each device, so no device needs another's examples (no
+    all-gather, no collective-permute); chunk ``i`` is still examples
+    ``i*m .. (i+1)*m - 1``."""
+    if n % groups:
+        size = _shards.batch_size(batch)
+        raise ValueError(
+            f"m={size // n} chunks would straddle devices: the batch's leading axis is sharded over "
+            f"{groups} devices (mesh axes {axes}), so m must divide the per-device batch size {size // groups}."
+        )
+    view = jax.tree.map(lambda x: x.reshape((groups, x.shape[0] // groups) + x.shape[1:]), batch)
+    per_device = lambda b: _local_chunks(body, b, n // groups, mode, state, like)  # noqa: E731
+    stacked, new_state = jax.vmap(per_device, out_axes=(0, None), spmd_axis_name=axes or None)(view)
+    return _shards.device_mean(stacked), new_state
+
+
+def over_chunks(body: Callable[[Any], tuple[Any, Any]], batch: Any, n: int, mode: str, state: Any, like: jax.Array):
+    """Runs ``body(shard) -> (result, new_state)`` on ``n`` contiguous chunks of
+    ``batch`` laid out by ``mode``; returns ``(chunk mean of result, new_state)``.
+
+    When the batch's leading axis is sharded over devices by ``jit`` (e.g.
+    ``P('data')``: visible on Explicit mesh axes, and assumed under
+    ``jax.set_mesh`` of an Auto mesh; see :func:`_shards.device_groups`), the
+    chunks are first grouped by device (:func:`_device_chunks`). ``new_state`` (the
+    geometry's; ``state`` is its value before the step) must not depend on the
+    shard's data: one chunk's is returned.
+    """
+    if n == 1:
+        return body(batch)
+    axes, groups = _shards.device_groups(batch, n)
+    if groups > 1:
+        return _device_chunks(body, batch, n, mode, state, like, axes, groups)
+    return _local_chunks(body, batch, n, mode, state, like)
 
 
 def micro_batched(vg: Callable[[Any], Any], shard: Any, microbatch_size: Any, like: jax.Array) -> Any:

@@ -9,12 +9,18 @@ perturbation (SAM section 5.1). Shards live on two levels that compose:
   and the two-pass body is ``vmap``-ed (or ``scan``-ned) over ``C``.
 
 Results are averaged over the chunks of a device (:func:`chunk_mean`), then
-over devices with ``lax.pmean`` (:func:`shard_mean`).
+over devices with ``lax.pmean`` (:func:`shard_mean`). A batch that ``jit``
+received sharded over devices has its chunks grouped by device first
+(:func:`device_groups`), and those groups are averaged with
+:func:`device_mean`.
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import contextlib
+import contextvars
+import math
+from typing import Any, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +37,53 @@ def batch_size(batch: Any) -> int:
             f"every leaf of batch must have the same leading (batch) dimension; got shapes {shapes}."
         )
     return sizes.pop()
+
+
+_AVERAGED_OUTSIDE: contextvars.ContextVar = contextvars.ContextVar("averaged_outside", default=frozenset())
+
+
+def _explicit_leading_axes(batch: Any) -> tuple[tuple[str, ...], int]:
+    """The Explicit mesh axes sharding the leading axis of every leaf of ``batch``
+    (from the leaves' types) and their total size; ValueError if leaves disagree."""
+    found = {}
+    for x in jax.tree.leaves(batch):
+        sharding = jax.typeof(x).sharding
+        spec = sharding.spec if isinstance(sharding, jax.sharding.NamedSharding) else ()
+        first = spec[0] if len(spec) else None
+        names = () if first is None else (tuple(first) if isinstance(first, tuple) else (first,))
+        types = dict(zip(sharding.mesh.axis_names, sharding.mesh.axis_types)) if names else {}
+        names = tuple(a for a in names if types.get(a) == jax.sharding.AxisType.Explicit)
+        found[names] = int(np.prod([sharding.mesh.shape[a] for a in names])) if names else 1
+    if len(found) > 1:
+        raise ValueError(
+            f"every leaf of batch must be sharded alike over its leading (batch) axis; got mesh axes {list(found)}."
+        )
+    return next(iter(found.items())) if found else ((), 1)
+
+
+def device_groups(batch: Any, n: int) -> tuple[tuple[str, ...], int]:
+    """How the ``n`` chunks of a batch that ``jit`` received sharded are grouped
+    by device: ``(mesh axes for spmd_axis_name, number of groups)``.
+
+    * Explicit mesh axes: the batch's type names the axes of its leading axis;
+      one group per device of those axes.
+    * Auto mesh axes: the type says nothing; under ``jax.set_mesh(mesh)`` (no
+      manual axes) there are ``gcd(n, devices of the Auto axes)`` groups,
+      a multiple of the number of batch shards whenever it divides ``n``, and
+      the partitioner places the groups where the examples are.
+    * Otherwise one group: inside ``shard_map`` / ``pmap`` or the device layout
+      of ``shards(mesh=...)`` (the batch is one device's), or on an Auto mesh
+      outside ``jax.set_mesh`` (the chunks as they are: there only
+      ``chunk_mode='vmap'`` avoids moving examples between devices).
+    """
+    axes, size = _explicit_leading_axes(batch)
+    if axes:
+        return axes, size
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.manual_axes or _AVERAGED_OUTSIDE.get():  # already one device's batch
+        return (), 1
+    auto = [mesh.shape[a] for a, t in zip(mesh.axis_names, mesh.axis_types) if t == jax.sharding.AxisType.Auto]
+    return (), math.gcd(n, int(np.prod(auto)) if auto else 1)
 
 
 def num_chunks(local_batch: int, m: int | None, *, where: str = "batch") -> int:
@@ -88,24 +141,52 @@ def as_device_varying(tree: Any, axis_names: Sequence[str]) -> Any:
     return jax.tree.map(leaf, tree)
 
 
+def explicit_sharding(s: Any) -> Any:
+    """The sharding of ``s`` (a ShapeDtypeStruct or an abstract value) if its
+    mesh has Explicit axes (sharding in types: a value made to match it must
+    carry it), else ``None``."""
+    sharding = getattr(s, "sharding", None)
+    if not isinstance(sharding, jax.sharding.NamedSharding):
+        return None
+    mesh = sharding.mesh
+    return sharding if jax.sharding.AxisType.Explicit in tuple(mesh.axis_types) else None
+
+
 def zeros_varying_like(shapes: Any, like: Any) -> Any:
     """Zeros of ``shapes`` (ShapeDtypeStructs; floats widened to float32), varying
     over the same manual mesh axes as the array ``like``: the initial carry of a
-    ``lax.scan`` whose body mixes in values derived from ``like``."""
+    ``lax.scan`` whose body mixes in values derived from ``like``. On a mesh with
+    Explicit axes the zeros take the sharding of ``shapes`` (e.g. a gradient
+    sharded like its tensor-parallel parameter), so the carry's type matches."""
     varying = tuple(sorted(jax.typeof(like).manual_axis_type.varying))
 
     def leaf(s):
         dtype = jnp.promote_types(s.dtype, jnp.float32) if jnp.issubdtype(s.dtype, jnp.inexact) else s.dtype
-        z = jnp.zeros(s.shape, dtype)
+        sharding = explicit_sharding(s)
+        z = jnp.zeros(s.shape, dtype) if sharding is None else jnp.zeros(s.shape, dtype, out_sharding=sharding)
         return jax.lax.pcast(z, varying, to="varying") if varying else z
 
     return jax.tree.map(leaf, shapes)
 
 
+@contextlib.contextmanager
+def averaged_outside(axis_names: Sequence[str]) -> Iterator[None]:
+    """While tracing inside, :func:`shard_mean` leaves ``axis_names`` alone: the
+    caller maps them with ``jax.vmap`` and averages the stacked results itself
+    (in jax 0.10.2 ``lax.pmean`` under a ``vmap`` with ``spmd_axis_name`` fails to
+    lower on Explicit meshes)."""
+    token = _AVERAGED_OUTSIDE.set(_AVERAGED_OUTSIDE.get() | frozenset(axis_names))
+    try:
+        yield
+    finally:
+        _AVERAGED_OUTSIDE.reset(token)
+
+
 def shard_mean(tree: Any, axis_names: Sequence[str]) -> Any:
     """Mean over the shards of the named axes; floating leaves are averaged in
     (at least) float32 and returned in their dtype, other leaves take the max."""
-    names = tuple(axis_names)
+    outside = _AVERAGED_OUTSIDE.get()
+    names = tuple(a for a in axis_names if a not in outside)
     if not names:
         return tree
 
@@ -121,6 +202,22 @@ def shard_mean(tree: Any, axis_names: Sequence[str]) -> Any:
         return x
 
     return jax.tree.map(leaf, tree)
+
+
+def device_mean(stacked: Any, num_axes: int = 1) -> Any:
+    """Mean over the ``num_axes`` leading (device) axes of every leaf, in at least
+    float32 for floating leaves (returned in their dtype); other leaves take the
+    max. A plain reduction, so that it also applies to axes sharded over
+    Explicit mesh axes (the partitioner adds one all-reduce)."""
+    axes = tuple(range(num_axes))
+
+    def leaf(x):
+        if jnp.issubdtype(x.dtype, jnp.inexact):
+            wide = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+            return jnp.mean(wide, axis=axes).astype(x.dtype)
+        return jnp.max(x, axis=axes)
+
+    return jax.tree.map(leaf, stacked)
 
 
 def chunk_mean(stacked: Any) -> Any:

@@ -49,3 +49,22 @@ def cached(builder: Callable[..., Any]) -> Callable[..., Any]:
         return cache[args]
 
     return get
+
+
+def placing(jitted: Callable[..., Any], mesh: Any, params_of: Callable[[Any], Any]) -> Callable[..., Any]:
+    """``jitted(state, ...)``, with a ``state`` not yet on ``mesh`` first placed
+    where the step leaves it (:func:`sam_optax.distributed.place`, parameter-shaped
+    leaves like ``params_of(state)``): the step then compiles once. A state
+    already on the mesh (every step's output) passes through untouched."""
+    from sam_optax import distributed
+
+    def run(state, *args, **kwargs):
+        if not distributed.is_placed(state, mesh):
+            state = distributed.place(state, mesh, like=params_of(state))
+        return jitted(state, *args, **kwargs)
+
+    for name in ("lower", "trace", "eval_shape", "_cache_size", "clear_cache"):
+        if hasattr(jitted, name):
+            setattr(run, name, getattr(jitted, name))
+    run.__doc__, run.__wrapped__ = jitted.__doc__, jitted
+    return run

@@ -145,7 +145,9 @@ def linen_train_step(
         returned). Do not pass ``rngs`` or ``mutable`` to ``apply``.
       has_aux: whether ``loss_fn`` returns ``(loss, metrics)``.
       rng_collections: the Linen rng collections made from ``rng``.
-      jit: return the step ``jax.jit``-ed.
+      jit: return the step ``jax.jit``-ed. With ``data=shards(mesh=mesh)`` the
+        jitted step first puts a state that is not yet on the mesh where the
+        step leaves it (:func:`sam_optax.distributed.place`), so it compiles once.
       donate: with ``jit``, donate the input state's buffers.
       **sa_kwargs: the other arguments of :func:`sam_optax.sharpness_aware_grad`
         (``data=sam_optax.data.shards(...)``, ``ascent_steps``,
@@ -204,5 +206,7 @@ def linen_train_step(
         return state, metrics
 
     if jit:
-        return jax.jit(step, donate_argnums=(0,) if donate else ())
+        jitted = jax.jit(step, donate_argnums=(0,) if donate else ())
+        mesh = getattr(sa_kwargs.get("data"), "mesh", None)
+        return jitted if mesh is None else _common.placing(jitted, mesh, lambda state: state.params)
     return step

@@ -168,7 +168,10 @@ def nnx_train_step(
       **sa_kwargs: the other arguments of :func:`sam_optax.sharpness_aware_grad`
         (``data=sam_optax.data.shards(...)``, ``ascent_steps``,
         ``ascent_step_size``).
-      jit: return the step ``nnx.jit``-ed.
+      jit: return the step ``nnx.jit``-ed. With ``data=shards(mesh=mesh)`` it
+        first moves the arrays of ``model`` and ``optimizer`` that are not yet
+        on the mesh where the step leaves them
+        (:func:`sam_optax.distributed.place`), so it compiles once.
 
     Returns:
       ``step(model, optimizer, batch, *args) -> metrics`` with ``loss``,
@@ -187,4 +190,25 @@ def nnx_train_step(
                        sharpness=out.perturbed_loss - out.loss)
         return metrics
 
-    return nnx.jit(step) if jit else step
+    if not jit:
+        return step
+    jitted = nnx.jit(step)
+    mesh = getattr(sa_kwargs.get("data"), "mesh", None)
+    if mesh is None:
+        return jitted
+
+    def placed_step(model, optimizer, batch, *args):
+        _place(model, optimizer, mesh)
+        return jitted(model, optimizer, batch, *args)
+
+    return placed_step
+
+
+def _place(model: Any, optimizer: Any, mesh: Any) -> None:
+    """Moves the arrays of ``model`` and ``optimizer`` that are not yet on ``mesh``
+    where the step leaves them (:func:`sam_optax.distributed.place`), in place."""
+    from sam_optax import distributed
+
+    state = nnx.state((model, optimizer))
+    if not distributed.is_placed(state, mesh):
+        nnx.update((model, optimizer), distributed.place(state, mesh, like=nnx.state(model, optimizer.wrt)))
