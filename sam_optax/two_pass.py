@@ -69,6 +69,12 @@ class _ShardResult(NamedTuple):
     perturbed_loss: jax.Array
 
 
+def _first_leaf(params: Any) -> Optional[jax.Array]:
+    """A parameter whose manual mesh axes a scan carry must vary over (``None``: no params)."""
+    leaves = jax.tree.leaves(params)
+    return leaves[0] if leaves else None
+
+
 def _leading_size(batch: Any) -> Optional[int]:
     """The leading size all leaves of ``batch`` share, or ``None`` (e.g. a graph batch)."""
     sizes = {x.shape[0] if jnp.ndim(x) else None for x in jax.tree.leaves(batch)}
@@ -119,7 +125,7 @@ def _shard_body(fn: Callable[..., Any], geometry: AscentGeometry, data: DataAxis
     grad_fn = jax.value_and_grad(fn, has_aux=True)
 
     def vg(params, shard, args):
-        like = jax.tree.leaves(params)[0]
+        like = _first_leaf(params)
         return _layout.micro_batched(lambda s: grad_fn(params, s, *args), shard, data.microbatch_size, like)
 
     def second(params, shard, args, g, state, eps, clean_losses):
@@ -165,7 +171,7 @@ def _per_device(body: Callable[..., Any], data: DataAxis) -> Callable[..., Any]:
             n = _shards.num_chunks(_shards.batch_size(batch), data.m, where=where)
         elif data.splits_batch:
             _shards.batch_size(batch)  # micro-batches / selection index examples: check the layout
-        like = jax.tree.leaves(params)[0]
+        like = _first_leaf(params)
         run = lambda shard: body(params, shard, args, state, flag)
         res, new_state = _layout.over_chunks(run, batch, n, data.chunk_mode, state, like)
         return _shards.shard_mean(res, data.axis_name), new_state

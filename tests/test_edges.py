@@ -53,3 +53,36 @@ def test_rule_update_still_works_after_the_check():
     out = sam_optax.sharpness_aware_grad(per_example_loss, geometry.l2(0.05))(P0, BATCH)
     u, _ = tx.update(out.grads, tx.init(P0), P0, perturbed_grads=out.perturbed_grads, clean_grads=out.grads)
     assert_trees_close(u, jax.tree.map(lambda g: -0.1 * g, out.perturbed_grads))
+
+
+# --------------------------------------------------------------------------- item 7: edge shapes
+
+
+def data_only_loss(params, batch):
+    return jnp.mean(batch["x"] ** 2) + 0.0 * sum(jnp.sum(x) for x in jax.tree.leaves(params))
+
+
+@pytest.mark.parametrize("data", [shards(8, chunk_mode="scan"), shards(microbatch_size=8),
+                                  shards(8, chunk_mode="vmap"), shards(8, chunk_mode="unroll")],
+                         ids=["scan", "micro", "vmap", "unroll"])
+def test_empty_params_give_empty_gradients_in_every_layout(data):
+    """Before: chunk_mode='scan' and microbatch_size crashed (IndexError) on empty params."""
+    out = sam_optax.sharpness_aware_grad(data_only_loss, geometry.l2(0.05), data)({}, BATCH)
+    assert out.grads == {} and out.perturbed_grads == {}
+    assert abs(float(out.loss) - float(jnp.mean(BATCH["x"] ** 2))) < 1e-6
+    assert float(out.perturbed_loss) == pytest.approx(float(out.loss), abs=1e-6)
+
+
+@pytest.mark.parametrize("data, match", [(shards(4), "0 examples"), (shards(microbatch_size=4), "0 examples")])
+def test_a_zero_example_batch_is_a_clear_error(data, match):
+    """Before: ZeroDivisionError."""
+    empty = {"x": jnp.zeros((0, 5)), "y": jnp.zeros((0,), jnp.int32)}
+    with pytest.raises(ValueError, match=match):
+        sam_optax.sharpness_aware_grad(loss_fn, geometry.l2(0.05), data)(P0, empty)
+
+
+def test_a_one_example_batch_is_sam_on_that_example():
+    one = jax.tree.map(lambda x: x[:1], BATCH)
+    a = sam_optax.sharpness_aware_grad(loss_fn, geometry.l2(0.05), shards(1, chunk_mode="scan"))(P0, one)
+    b = sam_optax.sharpness_aware_grad(loss_fn, geometry.l2(0.05))(P0, one)
+    assert_trees_close(a.perturbed_grads, b.perturbed_grads)

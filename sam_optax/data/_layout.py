@@ -122,6 +122,8 @@ def micro_batched(vg: Callable[[Any], Any], shard: Any, microbatch_size: Any, li
     if microbatch_size is None:
         return vg(shard)
     size = _shards.batch_size(shard)
+    if size == 0:
+        raise ValueError(f"the shard has 0 examples: nothing to split into micro-batches of {microbatch_size}.")
     if size % microbatch_size:
         raise ValueError(f"microbatch_size={microbatch_size} must divide the m-sharpness shard size {size}.")
     n = size // microbatch_size

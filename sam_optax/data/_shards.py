@@ -90,6 +90,8 @@ def num_chunks(local_batch: int, m: int | None, *, where: str = "batch") -> int:
     """Number of m-sharpness chunks in a local batch; ValueError if not divisible."""
     if m is None:
         return 1
+    if local_batch == 0:
+        raise ValueError(f"the {where} has 0 examples: nothing to split into shards of m={m}.")
     if local_batch % m:
         raise ValueError(
             f"m={m} must divide the {where} size {local_batch} "
@@ -158,7 +160,7 @@ def zeros_varying_like(shapes: Any, like: Any) -> Any:
     ``lax.scan`` whose body mixes in values derived from ``like``. On a mesh with
     Explicit axes the zeros take the sharding of ``shapes`` (e.g. a gradient
     sharded like its tensor-parallel parameter), so the carry's type matches."""
-    varying = tuple(sorted(jax.typeof(like).manual_axis_type.varying))
+    varying = () if like is None else tuple(sorted(jax.typeof(like).manual_axis_type.varying))
 
     def leaf(s):
         dtype = jnp.promote_types(s.dtype, jnp.float32) if jnp.issubdtype(s.dtype, jnp.inexact) else s.dtype
