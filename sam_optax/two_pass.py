@@ -188,7 +188,7 @@ def _check_args(geometry: Any, data: Any, ascent_steps: int, ascent_step_size: A
         raise ValueError(f"data must come from sam_optax.data.shards(...), got {data!r}.")
     _utils.check_positive_int("ascent_steps", ascent_steps)
     if ascent_step_size is not None:
-        _utils.check_range("ascent_step_size", ascent_step_size, low=0.0, low_inclusive=False)
+        _utils.check_range("ascent_step_size", ascent_step_size, low=0.0, low_inclusive=False, high=1.0)
     if ascent_steps > 1 and getattr(geometry, "norm", None) is None:
         raise ValueError("ascent_steps > 1 needs a geometry with a norm (to project onto the rho-ball).")
     return geometry, data
@@ -249,7 +249,9 @@ def sharpness_aware_grad(
         L(w+\epsilon_k)))` from :math:`\epsilon_0 = 0`, projected back onto the
         ``rho``-ball of the geometry's norm (by radial rescaling), costing
         ``n + 1`` gradient passes in all.
-      ascent_step_size: ``a`` above, as a fraction of ``rho``, ``> 0``;
+      ascent_step_size: ``a`` above, as a fraction of ``rho``, ``0 < a <= 1``
+        (a longer step is always projected back onto the ball; a huge one
+        overflowed the projection and gave a zero perturbation, i.e. SGD);
         default ``1 / ascent_steps``.
 
     Returns:

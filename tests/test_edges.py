@@ -86,3 +86,17 @@ def test_a_one_example_batch_is_sam_on_that_example():
     a = sam_optax.sharpness_aware_grad(loss_fn, geometry.l2(0.05), shards(1, chunk_mode="scan"))(P0, one)
     b = sam_optax.sharpness_aware_grad(loss_fn, geometry.l2(0.05))(P0, one)
     assert_trees_close(a.perturbed_grads, b.perturbed_grads)
+
+
+@pytest.mark.parametrize("make", [lambda: geometry.pnorm(0.1, p=3), lambda: geometry.adaptive(0.1, p=3),
+                                  lambda: geometry.pnorm(0.1, p=1), lambda: geometry.l2(0.1),
+                                  lambda: geometry.fisher(0.1, 1.0)], ids=["pnorm3", "adaptive3", "pnorm1", "l2", "fisher"])
+def test_a_zero_size_leaf_gets_an_empty_perturbation_and_changes_nothing_else(make):
+    """Before: pnorm (p not 2 or inf) and adaptive with p=3 crashed on a (0, 4) leaf."""
+    geo = make()
+    params = {"empty": jnp.zeros((0, 4)), "w": jnp.array([1.0, -2.0, 0.5])}
+    grads = {"empty": jnp.zeros((0, 4)), "w": jnp.array([0.3, 0.1, -0.2])}
+    eps, _ = geo.update(grads, geo.init(params), params)
+    ref, _ = geo.update({"w": grads["w"]}, geo.init({"w": params["w"]}), {"w": params["w"]})
+    assert eps["empty"].shape == (0, 4)
+    assert_trees_close(eps["w"], ref["w"], rtol=1e-6, atol=1e-8)

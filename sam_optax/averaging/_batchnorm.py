@@ -45,7 +45,7 @@ class _Accumulator:
         if self.variance == "total":
             variances = [v + m * m for m, v in zip(means, variances)]
         self.seen += size
-        w = jnp.asarray(size / self.seen, jnp.float32)
+        w = jnp.asarray(size / self.seen, _utils.hyper_dtype())
         new = list(means) + list(variances)
         if self.acc is None:
             self.acc = new

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numbers
 from typing import Any, Optional
 
 import jax
@@ -16,13 +15,11 @@ NO_PARAMS = (
 )
 
 
-def check_int(name: str, value: Any, *, low: int) -> None:
-    """``ValueError`` unless ``value`` is an integer ``>= low``; jax arrays / tracers
-    (``optax.inject_hyperparams``) are accepted unchecked."""
-    if isinstance(value, jax.Array):
-        return
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}.")
+def check_int(name: str, value: Any, *, low: int, high: Optional[int] = _utils.INT32_MAX) -> None:
+    """``ValueError`` unless ``value`` is an integer in ``[low, high]`` (Python / numpy
+    integer or 0-d integer array); tracers (``optax.inject_hyperparams`` under
+    ``jit``) are checked for shape and dtype only. See :func:`sam_optax._utils.check_int`."""
+    _utils.check_int(name, value, low=low, high=high, allow_array=True)
 
 
 def copy_tree(tree: Any, dtype: Optional[Any] = None) -> Any:
@@ -31,8 +28,9 @@ def copy_tree(tree: Any, dtype: Optional[Any] = None) -> Any:
 
 
 def interpolate(old: Any, new: Any, weight: jax.Array, take: jax.Array) -> Any:
-    """``old * (1 - w) + new * w`` where ``take``, else ``old``; computed in float32,
-    stored in ``old``'s dtype. With ``w = 1`` the result is exactly ``new``."""
+    """``old * (1 - w) + new * w`` where ``take``, else ``old``; computed in at least
+    float32 (``w`` cast to that dtype), stored in ``old``'s dtype. With ``w = 1``
+    the result is exactly ``new``."""
 
     def leaf(o, n):
         o32, n32 = _utils.to_compute(o), _utils.to_compute(n)

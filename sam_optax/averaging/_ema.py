@@ -64,7 +64,8 @@ def weight_ema(
       decay: :math:`d \in [0, 1)`.
       debias: bias correction (see above).
       accumulator_dtype: dtype of the average (default: the params'). The
-        arithmetic is float32.
+        arithmetic is in at least float32 (float64 for float64 params under
+        ``jax_enable_x64``, where ``decay`` is not rounded to float32).
 
     Returns:
       The corresponding :class:`optax.GradientTransformationExtraArgs`.
@@ -75,7 +76,9 @@ def weight_ema(
       Kingma et al, `Adam: A Method for Stochastic Optimization
       <https://arxiv.org/abs/1412.6980>`_, 2015 (the bias correction)
     """
+    _utils.check_transformation("inner", inner)
     _utils.check_range("decay", decay, low=0.0, high=1.0, high_inclusive=False)
+    _utils.check_float_dtype("accumulator_dtype", accumulator_dtype)
     if not isinstance(debias, bool):
         raise ValueError(f"debias must be a bool, got {debias!r}.")
     inner = optax.with_extra_args_support(inner)
@@ -92,9 +95,9 @@ def weight_ema(
             raise ValueError(_common.NO_PARAMS.format(name="weight_ema"))
         updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
         count = optax.safe_increment(state.count)
-        d = jnp.asarray(decay, jnp.float32)
+        d = jnp.asarray(decay, _utils.hyper_dtype())
         if debias:
-            weight = (1.0 - d) / (1.0 - d ** count.astype(jnp.float32))
+            weight = (1.0 - d) / (1.0 - d ** count.astype(d.dtype))
         else:
             weight = 1.0 - d
         ema = _common.interpolate(state.ema, optax.apply_updates(params, updates), weight, jnp.asarray(True))

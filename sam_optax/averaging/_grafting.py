@@ -46,6 +46,8 @@ def weight_entropy(x: jax.Array, num_bins: int = 10, *, exclusive_max: bool = Fa
       <https://arxiv.org/abs/2001.05868>`_, CVPR 2020
     """
     _common.check_int("num_bins", num_bins, low=1)
+    if not isinstance(exclusive_max, bool):
+        raise ValueError(f"exclusive_max must be a bool, got {exclusive_max!r}.")
     x = _utils.to_compute(jnp.ravel(x))
     lo, hi = jnp.min(x), jnp.max(x)
     width = (hi - lo) / num_bins
@@ -78,7 +80,8 @@ def grafting_coefficient(
       a: :math:`A \in [0, 1]` (paper default 0.4).
       c: :math:`c \ge 0` (paper default 500).
       round_decimals: ``None`` (the paper's formula) or the number of decimals to
-        round to (the official code rounds to 2).
+        round to, ``0 <= round_decimals <= 38`` (``10**38`` is about the
+        largest float32; the official code rounds to 2).
 
     Returns:
       :math:`\alpha`, broadcast over the inputs.
@@ -90,7 +93,7 @@ def grafting_coefficient(
     _utils.check_range("a", a, low=0.0, high=1.0)
     _utils.check_range("c", c, low=0.0)
     if round_decimals is not None:
-        _common.check_int("round_decimals", round_decimals, low=0)
+        _common.check_int("round_decimals", round_decimals, low=0, high=38)
     alpha = a / jnp.pi * jnp.arctan(c * (jnp.asarray(h_self) - jnp.asarray(h_other))) + 0.5
     if round_decimals is not None:
         alpha = jnp.round(alpha, round_decimals)
@@ -167,6 +170,10 @@ def graft(
     _utils.check_range("a", a, low=0.0, high=1.0)
     _utils.check_range("c", c, low=0.0)
     _common.check_int("num_bins", num_bins, low=1)
+    if round_decimals is not None:
+        _common.check_int("round_decimals", round_decimals, low=0, high=38)
+    if not isinstance(exclusive_max, bool):
+        raise ValueError(f"exclusive_max must be a bool, got {exclusive_max!r}.")
     leaves, treedef = jax.tree.flatten(stacked_params)
     if not leaves:
         return stacked_params
@@ -275,10 +282,15 @@ def filter_grafting(
       Meng et al, `Filter Grafting for Deep Neural Networks
       <https://arxiv.org/abs/2001.05868>`_, CVPR 2020
     """
+    _utils.check_transformation("inner", inner)
     _common.check_int("every", every, low=1)
     _utils.check_range("a", a, low=0.0, high=1.0)
     _utils.check_range("c", c, low=0.0)
     _common.check_int("num_bins", num_bins, low=1)
+    if round_decimals is not None:
+        _common.check_int("round_decimals", round_decimals, low=0, high=38)
+    if not isinstance(exclusive_max, bool):
+        raise ValueError(f"exclusive_max must be a bool, got {exclusive_max!r}.")
     inner = optax.with_extra_args_support(inner)
 
     def init_fn(params):

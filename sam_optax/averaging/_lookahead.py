@@ -138,10 +138,13 @@ def lookahead(
       Zhang et al, `Lookahead Optimizer: k steps forward, 1 step back
       <https://arxiv.org/abs/1907.08610>`_, 2019
     """
+    _utils.check_transformation("inner", inner)
     _common.check_int("sync_period", sync_period, low=1)
     _utils.check_range("slow_step_size", slow_step_size, low=0.0, high=1.0)
-    if momentum not in MOMENTUM_MODES:
+    if not isinstance(momentum, str) or momentum not in MOMENTUM_MODES:
         raise ValueError(f"momentum must be one of {MOMENTUM_MODES}, got {momentum!r}.")
+    if not isinstance(momentum_fields, (list, tuple)) or not all(isinstance(f, str) for f in momentum_fields):
+        raise ValueError(f"momentum_fields must be a list or tuple of field names, got {momentum_fields!r}.")
     fields = tuple(momentum_fields)
     inner = optax.with_extra_args_support(inner)
 
@@ -170,7 +173,7 @@ def lookahead(
         updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
         count = optax.safe_increment(state.count)
         sync = count % sync_period == 0
-        alpha = jnp.asarray(slow_step_size, jnp.float32)
+        alpha = jnp.asarray(slow_step_size, _utils.hyper_dtype())  # cast to each leaf's compute dtype
 
         def diff_leaf(p, u, s):  # fast weights after this step minus slow weights
             fast = _utils.to_compute(optax.apply_updates(p, u))
@@ -178,12 +181,12 @@ def lookahead(
 
         diff = jax.tree.map(diff_leaf, params, updates, state.slow)
         slow = jax.tree.map(
-            lambda s, d: jnp.where(sync, _utils.to_compute(s) + alpha * d, s).astype(s.dtype),
+            lambda s, d: jnp.where(sync, _utils.to_compute(s) + alpha.astype(d.dtype) * d, s).astype(s.dtype),
             state.slow,
             diff,
         )
         updates = jax.tree.map(
-            lambda u, d: jnp.where(sync, _utils.to_compute(u) - (1.0 - alpha) * d, u).astype(u.dtype),
+            lambda u, d: jnp.where(sync, _utils.to_compute(u) - (1.0 - alpha).astype(d.dtype) * d, u).astype(u.dtype),
             updates,
             diff,
         )

@@ -73,7 +73,8 @@ def swa(
       period: ``c >= 1``, steps between snapshots (``swa_c_epochs`` in steps; the
         cycle length of a cyclic schedule).
       accumulator_dtype: dtype of the average (default: the params'; e.g.
-        ``jnp.float32`` for bf16 params). The arithmetic is float32.
+        ``jnp.float32`` for bf16 params). The arithmetic is in at least
+        float32 (float64 for float64 params under ``jax_enable_x64``).
 
     Returns:
       The corresponding :class:`optax.GradientTransformationExtraArgs`.
@@ -94,8 +95,10 @@ def swa(
       Izmailov et al, `Averaging Weights Leads to Wider Optima and Better
       Generalization <https://arxiv.org/abs/1803.05407>`_, 2018
     """
+    _utils.check_transformation("inner", inner)
     _common.check_int("start_step", start_step, low=0)
     _common.check_int("period", period, low=1)
+    _utils.check_float_dtype("accumulator_dtype", accumulator_dtype)
     inner = optax.with_extra_args_support(inner)
 
     def init_fn(params):
@@ -112,7 +115,7 @@ def swa(
         updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
         count = optax.safe_increment(state.count)
         take = (count >= start_step) & ((count - start_step) % period == 0)
-        weight = 1.0 / (state.n_averaged + 1).astype(jnp.float32)
+        weight = 1.0 / (state.n_averaged + 1).astype(_utils.hyper_dtype())
         average = _common.interpolate(state.average, optax.apply_updates(params, updates), weight, take)
         n_averaged = state.n_averaged + take.astype(jnp.int32)
         return updates, SWAState(count, n_averaged, average, inner_state)
@@ -210,7 +213,7 @@ def swa_official_schedule(
 
     def schedule(count):
         epoch = jnp.floor_divide(jnp.asarray(count), steps_per_epoch)
-        t = epoch.astype(jnp.float32) / swa_start
+        t = epoch.astype(_utils.hyper_dtype()) / swa_start
         ratio = swa_lr / lr_init
         factor = jnp.where(
             t <= 0.5, 1.0, jnp.where(t <= 0.9, 1.0 - (1.0 - ratio) * (t - 0.5) / 0.4, ratio)

@@ -28,9 +28,11 @@ class DataSelection(NamedTuple):
         """Indices of the kept examples: the ``size(n)`` largest loss increases.
 
         Ties are broken towards the lower index (``lax.top_k`` is stable), so the
-        choice is deterministic.
+        choice is deterministic. The difference is taken in at least float32
+        (float64 losses stay float64).
         """
-        sharpness = perturbed_losses.astype(jnp.float32) - clean_losses.astype(jnp.float32)
+        dtype = jnp.promote_types(_utils.compute_dtype(perturbed_losses), _utils.compute_dtype(clean_losses))
+        sharpness = perturbed_losses.astype(dtype) - clean_losses.astype(dtype)
         _, idx = jax.lax.top_k(sharpness, self.size(sharpness.shape[0]))
         return idx
 
@@ -71,9 +73,9 @@ def sharpness_sensitive(gamma: float = 0.5) -> DataSelection:
       Neural Networks <https://arxiv.org/abs/2110.03141>`_, ICLR 2022
     """
     _utils.check_range("gamma", gamma, low=0.0, high=1.0, low_inclusive=False)
-    if not isinstance(gamma, (int, float)) or isinstance(gamma, bool):
-        raise ValueError(f"gamma must be a Python number in (0, 1] (it fixes a static size), got {gamma!r}.")
-    return DataSelection(float(gamma))
+    if _utils.is_traced(gamma):
+        raise ValueError("gamma must be a concrete number in (0, 1] (it fixes a static size), got a traced value.")
+    return DataSelection(float(_utils.static_number("gamma", gamma)))
 
 
 def selected_pass(

@@ -43,6 +43,7 @@ def weight_decay_mask(params: Any, min_ndim: int = 2) -> Any:
     Returns:
       A pytree of Python bools with the structure of ``params``.
     """
+    _utils.check_int("min_ndim", min_ndim, low=0)
     return jax.tree.map(lambda p: jnp.ndim(p) >= min_ndim, params)
 
 
@@ -98,9 +99,9 @@ def decoupled_weight_decay(
             raise ValueError(_NO_PARAMS)
         eta = _utils.value_at(schedule_multiplier, state.count)
         lam = _utils.value_at(weight_decay, state.count)
-        coef = (eta * lam).astype(jnp.float32)
+        coef = eta * lam  # rounded once, to each leaf's compute dtype (float64 stays float64)
         new = jax.tree.map(
-            lambda u, p: (_utils.to_compute(u) - coef * _utils.to_compute(p)).astype(jnp.asarray(u).dtype),
+            lambda u, p: _decay_leaf(u, p, coef),
             updates,
             params,
         )
@@ -110,6 +111,13 @@ def decoupled_weight_decay(
     if mask is not None:
         return optax.masked(tx, mask)
     return tx
+
+
+def _decay_leaf(u: jax.Array, p: jax.Array, coef: jax.Array) -> jax.Array:
+    """``u - coef * p`` in the leaf's compute dtype (at least float32), returned in ``u``'s dtype."""
+    u32, p32 = _utils.to_compute(u), _utils.to_compute(p)
+    dtype = jnp.promote_types(u32.dtype, p32.dtype)
+    return (u32 - coef.astype(dtype) * p32).astype(jnp.asarray(u).dtype)
 
 
 def _check_learning_rate(learning_rate):
@@ -171,6 +179,7 @@ def sgdw(
     """
     _check_learning_rate(learning_rate)
     _utils.check_range("momentum", momentum, low=0.0, high=1.0, high_inclusive=False)
+    _utils.check_float_dtype("accumulator_dtype", accumulator_dtype)
     _utils.check_range("schedule_multiplier", schedule_multiplier, low=0.0, allow_schedule=True)
     return optax.chain(
         optax.scale_by_schedule(lambda c: -learning_rate * _utils.value_at(schedule_multiplier, c)),
@@ -250,6 +259,7 @@ def adamw(
     _utils.check_range("b2", b2, low=0.0, high=1.0, high_inclusive=False)
     _utils.check_range("eps", eps, low=0.0)
     _utils.check_range("eps_root", eps_root, low=0.0)
+    _utils.check_float_dtype("mu_dtype", mu_dtype)
     _utils.check_range("schedule_multiplier", schedule_multiplier, low=0.0, allow_schedule=True)
     return optax.chain(
         optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root, mu_dtype=mu_dtype),

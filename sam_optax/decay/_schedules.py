@@ -20,9 +20,10 @@ def _restart_cycle(count: Any, period: Any, t_mult: Any) -> tuple[jax.Array, jax
     corrected by one in either direction, so rounding of the logarithm at a
     restart boundary cannot put a step in the wrong cycle.
     """
-    t = jnp.asarray(count, jnp.float32)
-    period = jnp.asarray(period, jnp.float32)
-    m = jnp.asarray(t_mult, jnp.float32)
+    dtype = _utils.hyper_dtype()  # float64 under jax_enable_x64
+    t = jnp.asarray(count, dtype)
+    period = jnp.asarray(period, dtype)
+    m = jnp.asarray(t_mult, dtype)
     geometric = m > 1.0
     safe_m = jnp.where(geometric, m, 2.0)
 
@@ -77,7 +78,8 @@ def cosine_warm_restarts(
       eta_max: :math:`\eta_{max} \ge \eta_{min}`.
 
     Returns:
-      An optax schedule ``count -> eta_t`` (float32).
+      An optax schedule ``count -> eta_t`` (float32; float64 under
+      ``jax_enable_x64``).
 
     References:
       Loshchilov et al, `Decoupled Weight Decay Regularization
@@ -88,8 +90,7 @@ def cosine_warm_restarts(
     _utils.check_range("period", period, low=0.0, low_inclusive=False)
     _utils.check_range("t_mult", t_mult, low=1.0)
     _utils.check_range("eta_min", eta_min, low=0.0)
-    if _utils._is_number(eta_min) and _utils._is_number(eta_max):
-        _utils.check_range("eta_max", eta_max, low=eta_min)
+    _utils.check_range("eta_max", eta_max, low=eta_min, low_name="eta_min")
 
     def schedule(count):
         t_cur, t_i = _restart_cycle(count, period, t_mult)
@@ -133,8 +134,8 @@ def normalized_weight_decay(
       <https://arxiv.org/abs/1711.05101>`_, 2019 (App. B.1)
     """
     _utils.check_range("lambda_norm", lambda_norm, low=0.0)
-    _utils.check_positive_int("batch_size", batch_size)
-    _utils.check_positive_int("dataset_size", dataset_size)
+    _utils.check_positive_int("batch_size", batch_size, high=None)  # Python arithmetic only
+    _utils.check_positive_int("dataset_size", dataset_size, high=None)
     _utils.check_range("epochs", epochs, low=0.0, low_inclusive=False)
     return float(lambda_norm) * (batch_size / (dataset_size * float(epochs))) ** 0.5
 

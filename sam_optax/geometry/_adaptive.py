@@ -39,7 +39,9 @@ def adaptive(
       rho: radius, ``>= 0`` or a schedule (the paper uses 0.5 on CIFAR-10 and 1.0
         on CIFAR-100, ten times SAM's).
       eta: ``>= 0``, added to ``|w|``; the official class default is 0.01.
-        With ``eta = 0`` a zero weight is never perturbed.
+        With ``eta = 0`` a zero weight is never perturbed, and ``norm`` leaves
+        out the coordinates where :math:`T_w = 0` (there the perturbation is
+        always 0, and :math:`0 / 0` is taken as 0).
       p: the norm, ``1 <= p <= inf``. Under ``optax.inject_hyperparams`` it is
         injected too: traced inside ``jit``, it takes the general formula (same
         values up to rounding); ``static_args=('p',)`` keeps it a Python number.
@@ -74,12 +76,18 @@ def adaptive(
 
     def perturb(g, params, rho_t):
         t = scale(params)
-        delta = dual_direction(jax.tree.map(jnp.multiply, t, g), p, eps)
-        return jax.tree.map(lambda ti, d: rho_t * ti * d, t, delta)
+        u, d = _utils.tree_scaled(g)  # T_w g / d: no overflow for huge g
+        delta = dual_direction(jax.tree.map(jnp.multiply, t, u), p, eps / d)
+        return jax.tree.map(lambda ti, di: rho_t * ti * di, t, delta)
 
     def norm(e, g, params):
         del g
         t = scale(params)
-        return _pnorm(jax.tree.map(lambda ei, ti: ei / ti, e, t), p)
+        return _pnorm(jax.tree.map(_unscale, e, t), p)
 
     return make_geometry(perturb, norm, rho)
+
+
+def _unscale(e: jax.Array, t: jax.Array) -> jax.Array:
+    r""":math:`T_w^{-1}\epsilon` elementwise, 0 where :math:`T_w = 0` (excluded coordinates)."""
+    return jnp.where(t > 0, e / _utils.safe_divisor(t), jnp.zeros_like(e))

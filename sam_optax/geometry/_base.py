@@ -52,12 +52,14 @@ def make_geometry(perturb: PerturbFn, norm: NormFn, rho: _utils.ScalarOrSchedule
     """Builds an :class:`AscentGeometry` from a stateless perturbation rule.
 
     Handles what every geometry shares: ``rho`` as a number, array or optax
-    schedule (then the state counts steps), and float32 arithmetic.
+    schedule (then the state counts steps), and at-least-float32 arithmetic.
 
     Args:
       perturb: ``perturb(grads, params, rho) -> perturbation``, with ``grads`` and
         ``params`` already cast to (at least) float32; ``params`` may be ``None``.
-      norm: ``norm(perturbation, grads, params) -> scalar`` in float32.
+        ``rho`` is a 0-d array of the widest dtype of the cast gradient (float32,
+        or float64 for float64 gradients under ``jax_enable_x64``).
+      norm: ``norm(perturbation, grads, params) -> scalar`` in (at least) float32.
       rho: radius of the ball.
     """
     _utils.check_range("rho", rho, low=0.0, allow_schedule=True)
@@ -77,7 +79,8 @@ def make_geometry(perturb: PerturbFn, norm: NormFn, rho: _utils.ScalarOrSchedule
         else:
             rho_t = jnp.asarray(rho)
         p32 = None if params is None else _utils.to_compute(params)
-        eps = perturb(_utils.to_compute(grads), p32, rho_t.astype(jnp.float32))
+        rho_t = rho_t.astype(_utils.tree_compute_dtype(grads))
+        eps = perturb(_utils.to_compute(grads), p32, rho_t)
         return eps, state
 
     def norm_fn(perturbation, grads, params=None):
@@ -88,5 +91,9 @@ def make_geometry(perturb: PerturbFn, norm: NormFn, rho: _utils.ScalarOrSchedule
 
 
 def require_params(params: Any, geometry: str) -> None:
+    """Raises ``ValueError`` if ``params`` is ``None`` (the geometry reads the weights)."""
     if params is None:
-        raise ValueError(f"The {geometry} geometry needs params: {optax.NO_PARAMS_MSG}")
+        raise ValueError(
+            f"The {geometry} geometry needs the current params: call "
+            "geometry.update(grads, state, params) (and geometry.norm(perturbation, grads, params))."
+        )

@@ -22,7 +22,13 @@ def fisher(rho: _utils.ScalarOrSchedule = 0.1, eta: float = 1.0, *, eps: float =
         {\sqrt{\sum_i g_i^2 / (1 + \eta g_i^2)} + \varepsilon}
 
     ``eta = 0`` is exactly SAM's :func:`~sam_optax.geometry.l2` with the same
-    ``rho`` (the paper's :math:`\gamma`).
+    ``rho`` (the paper's :math:`\gamma`). A zero gradient gives a zero
+    perturbation (also with ``eps = 0``). It is computed without squaring
+    ``g``: with :math:`a = g / \sqrt{1 + \eta g^2}` and
+    :math:`b = 1 / \sqrt{1 + \eta g^2}`, :math:`\epsilon = \rho\, b\, a /
+    (\lVert a\rVert_2 + \varepsilon)` and the norm is
+    :math:`\lVert \epsilon \sqrt{1 + \eta g^2}\rVert_2`, so any finite
+    gradient gives the right direction.
 
     Args:
       rho: radius (the paper's gamma), ``>= 0`` or a schedule; default 0.1.
@@ -41,12 +47,34 @@ def fisher(rho: _utils.ScalarOrSchedule = 0.1, eta: float = 1.0, *, eps: float =
 
     def perturb(g, params, rho_t):
         del params
-        f_inv_g = jax.tree.map(lambda x: x / (1.0 + eta * x * x), g)
-        denom = jnp.sqrt(_utils.tree_vdot(g, f_inv_g)) + eps
-        return jax.tree.map(lambda x: rho_t * x / denom, f_inv_g)
+        s = eta**0.5  # a Python float stays exact (eta = 1e-60 would round to 0 in float32)
+        a = jax.tree.map(lambda x: _whiten(x, s), g)
+        return jax.tree.map(
+            lambda x, ai: rho_t * ai / jnp.hypot(1.0, s * x), g, _utils.tree_direction(a, eps)
+        )
 
     def norm(e, g, params):
         del params
-        return jnp.sqrt(_utils.tree_sum(jax.tree.map(lambda ei, gi: (1.0 + eta * gi * gi) * ei * ei, e, g)))
+        s = eta**0.5
+        return _utils.tree_norm(jax.tree.map(lambda ei, gi: _stretch(ei, gi, s), e, g))
 
     return make_geometry(perturb, norm, rho)
+
+
+def _whiten(g: jax.Array, s: jax.Array) -> jax.Array:
+    r""":math:`g / \sqrt{1 + s^2 g^2}` without overflow (:math:`\mathrm{sign}(g) / s` when
+    :math:`s |g|` overflows)."""
+    t = s * jnp.abs(g)
+    big = t > 1.0
+    inv_t = 1.0 / jnp.where(big, t, 1.0)
+    safe_s = jnp.where(big, s, 1.0)
+    return jnp.where(big, jnp.sign(g) / (safe_s * jnp.hypot(inv_t, 1.0)), g / jnp.hypot(1.0, t))
+
+
+def _stretch(e: jax.Array, g: jax.Array, s: jax.Array) -> jax.Array:
+    r""":math:`|e| \sqrt{1 + s^2 g^2}` without overflow of :math:`g^2` (where :math:`s |g| > 1`
+    it is :math:`(|e|\,|g|)\, s \sqrt{1 + 1 / (s g)^2}`)."""
+    t = s * jnp.abs(g)
+    big = t > 1.0
+    inv_t = 1.0 / jnp.where(big, t, 1.0)
+    return jnp.where(big, (jnp.abs(e) * jnp.abs(g)) * s * jnp.hypot(inv_t, 1.0), jnp.abs(e) * jnp.hypot(1.0, t))

@@ -105,18 +105,17 @@ def grouped_l2(
             state = ScheduleState(count=optax.safe_increment(state.count))
         else:
             radii = {k: jnp.asarray(v) for k, v in rho.items()}
-        g = _utils.to_compute(grads)
-        denom = _utils.tree_norm(g) + eps
-        r_tree = _leaf_radii(label_tree(grads), g, radii)
-        return jax.tree.map(lambda r, x: x * (r.astype(x.dtype) / denom), r_tree, g), state
+        unit = _utils.tree_direction(grads, eps)  # g / (||g|| + eps), 0 for g = 0
+        r_tree = _leaf_radii(label_tree(grads), unit, radii)
+        return jax.tree.map(lambda r, x: r.astype(x.dtype) * x, r_tree, unit), state
 
     def norm_fn(perturbation, grads, params=None):
         del grads, params
         e = _utils.to_compute(perturbation)
-        r_tree = _leaf_radii(label_tree(perturbation), e, {k: jnp.asarray(v, jnp.float32) for k, v in rho.items()})
-        terms = jax.tree.map(
-            lambda r, x: jnp.where(r > 0, jnp.sum(x * x) / jnp.where(r > 0, r * r, 1.0), 0.0), r_tree, e
+        r_tree = _leaf_radii(label_tree(perturbation), e, {k: jnp.asarray(v) for k, v in rho.items()})
+        scaled = jax.tree.map(
+            lambda r, x: jnp.where(r > 0, x / _utils.safe_divisor(r.astype(x.dtype)), jnp.zeros_like(x)), r_tree, e
         )
-        return jnp.sqrt(_utils.tree_sum(terms))
+        return _utils.tree_norm(scaled)
 
     return AscentGeometry(init_fn, update_fn, None if scheduled else norm_fn)

@@ -7,7 +7,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from sam_optax import _utils
 from sam_optax.geometry._base import AscentGeometry, make_geometry
@@ -21,7 +20,10 @@ def l2(rho: _utils.ScalarOrSchedule = 0.05, *, eps: float = 1e-12) -> AscentGeom
       \epsilon = \rho \, \frac{g}{\lVert g \rVert_2 + \varepsilon}
 
     where the norm is the global norm over the whole pytree of ``g`` (of one
-    m-sharpness shard). A zero gradient gives a zero perturbation.
+    m-sharpness shard). A zero gradient gives a zero perturbation (also with
+    ``eps = 0``). The norm is computed on ``g`` scaled by a power of two near
+    its largest entry, so any finite gradient gives the direction
+    :math:`g / \lVert g\rVert` (no overflow of :math:`g^2`).
 
     Args:
       rho: radius of the ball, a number ``>= 0`` or an optax schedule of the step.
@@ -39,8 +41,7 @@ def l2(rho: _utils.ScalarOrSchedule = 0.05, *, eps: float = 1e-12) -> AscentGeom
 
     def perturb(g, params, rho_t):
         del params
-        scale = rho_t / (_utils.tree_norm(g) + eps)
-        return jax.tree.map(lambda x: scale * x, g)
+        return jax.tree.map(lambda x: rho_t * x, _utils.tree_direction(g, eps))
 
     def norm(e, g, params):
         del g, params
@@ -50,20 +51,21 @@ def l2(rho: _utils.ScalarOrSchedule = 0.05, *, eps: float = 1e-12) -> AscentGeom
 
 
 def _pnorm(tree: Any, p: Any) -> jax.Array:
-    """Global p-norm of a pytree, computed stably (scaled by the max entry).
+    r"""Global p-norm of a pytree, computed stably: :math:`d\,m\,(\sum_i (|u_i| /
+    m)^p)^{1/p}` with ``u = x / d`` (``d`` a power of two, see
+    :func:`sam_optax._utils.tree_scaled`) and :math:`m = \max_i |u_i|`; 0 for a
+    zero (or empty) tree.
 
-    ``p`` may be traced: ``(|x| / max|x|) ** inf`` is 1 at the maxima and 0
+    ``p`` may be traced: ``(|u| / m) ** inf`` is 1 at the maxima and 0
     elsewhere, and ``n ** (1 / inf) = 1``, so the formula also gives the max norm.
     """
-    leaves = jax.tree.leaves(tree)
-    if not leaves:
-        return jnp.zeros((), jnp.float32)
-    big = jnp.max(jnp.stack([jnp.max(jnp.abs(x)) for x in leaves]))
     if not _utils.is_traced(p) and p == math.inf:
-        return big
-    safe = jnp.where(big > 0, big, 1.0)
-    total = _utils.tree_sum(jax.tree.map(lambda x: (jnp.abs(x) / safe) ** p, tree))
-    return big * total ** (1.0 / p)
+        return _utils.tree_max_abs(tree)
+    u, d = _utils.tree_scaled(tree)
+    big = _utils.tree_max_abs(u)
+    safe = _utils.safe_divisor(big)
+    total = _utils.tree_sum(jax.tree.map(lambda x: (jnp.abs(x) / safe) ** p, u))
+    return d * big * total ** (1.0 / p)
 
 
 def dual_direction(g: Any, p: float, eps: float) -> Any:
@@ -74,12 +76,16 @@ def dual_direction(g: Any, p: float, eps: float) -> Any:
     the unit mass is split evenly over the entries of largest magnitude.
     A traced ``p`` (``optax.inject_hyperparams`` without ``static_args``) takes
     the general formula, selected elementwise; a Python ``p`` picks its branch.
+    It is computed on ``u = g / d`` and :math:`\varepsilon / d` (``d`` a power
+    of two near :math:`\max|g|`: the same :math:`\delta`, without overflow),
+    and a zero gradient gives :math:`\delta = 0`, also with ``eps = 0``.
     """
+    g, d = _utils.tree_scaled(g)
+    eps = eps / d
     if _utils.is_traced(p):
         return _traced_dual_direction(g, p, eps)
     if p == 2:
-        scale = 1.0 / (_utils.tree_norm(g) + eps)
-        return jax.tree.map(lambda x: scale * x, g)
+        return _utils.tree_direction(g, eps)
     if p == math.inf:
         return jax.tree.map(jnp.sign, g)
     if p == 1:
@@ -89,7 +95,7 @@ def dual_direction(g: Any, p: float, eps: float) -> Any:
         inv = 1.0 / jnp.maximum(n, 1.0)
         return jax.tree.map(lambda x, h: jnp.sign(x) * h * inv, g, hits)
     q = p / (p - 1.0)
-    denom = _pnorm(g, q) + eps
+    denom = _utils.safe_divisor(_pnorm(g, q) + eps)
     return jax.tree.map(lambda x: jnp.sign(x) * (jnp.abs(x) / denom) ** (q - 1.0), g)
 
 
@@ -101,7 +107,7 @@ def _traced_dual_direction(g: Any, p: jax.Array, eps: float) -> Any:
     is_one, is_inf = p == 1.0, jnp.isinf(p)
     safe_p = jnp.where(is_one | is_inf, 2.0, p)
     q = jnp.where(is_inf, 1.0, safe_p / (safe_p - 1.0))
-    denom = _pnorm(g, q) + eps
+    denom = _utils.safe_divisor(_pnorm(g, q) + eps)
     general = jax.tree.map(lambda x: jnp.sign(x) * (jnp.abs(x) / denom) ** (q - 1.0), g)
     ones = dual_direction(g, 1.0, eps)
     return jax.tree.map(lambda a, b: jnp.where(is_one, b, a), general, ones)
@@ -112,13 +118,10 @@ def check_p(p: Any) -> Any:
 
     A concrete array (``optax.inject_hyperparams`` outside ``jit``) becomes a float.
     """
+    _utils.check_range("p", p, low=1.0, allow_inf=True)  # a tracer: shape and dtype only
     if _utils.is_traced(p):
         return p
-    if isinstance(p, bool) or not isinstance(p, (int, float, jax.Array, np.ndarray, np.generic)):
-        raise ValueError(f"p must be a number in [1, inf], got {p!r}.")
-    p = _utils.static_number("p", p)
-    _utils.check_range("p", p, low=1.0)
-    return float(p)
+    return float(_utils.static_number("p", p))
 
 
 def pnorm(rho: _utils.ScalarOrSchedule = 0.05, p: float = 2, *, eps: float = 1e-12) -> AscentGeometry:

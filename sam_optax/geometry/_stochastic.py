@@ -6,7 +6,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from sam_optax import _utils
 from sam_optax.geometry._base import AscentGeometry
@@ -39,15 +38,13 @@ def sample_mask(key: jax.Array, tree: Any, beta: float, granularity: str) -> Any
 
 
 def _check_seed(seed: Any) -> Any:
-    """``seed`` as a Python int; an integer tracer is kept (``PRNGKey`` accepts it)."""
+    """``seed`` as a Python int in the int32 range; an integer tracer is kept
+    (``PRNGKey`` accepts it). Without ``jax_enable_x64`` JAX folds a seed to 32
+    bits, so larger seeds would silently collide (``2**32`` gives seed 0's masks)."""
+    _utils.check_int("seed", seed, low=_utils.INT32_MIN, high=_utils.INT32_MAX, allow_array=True)
     if _utils.is_traced(seed):
-        _utils.check_integer_tracer("seed", seed)
         return seed
-    if not isinstance(seed, bool) and isinstance(seed, (jax.Array, np.ndarray, np.generic)):
-        seed = _utils.static_number("seed", seed)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed must be an int, got {seed!r}.")
-    return seed
+    return int(seed)
 
 
 def stochastic(
@@ -91,8 +88,9 @@ def stochastic(
       beta: probability that a weight (tensor) is perturbed, ``0 < beta <= 1``.
       granularity: ``'tensor'`` or ``'coordinate'``.
       normalize: ``'full'`` (paper) or ``'masked'`` (official code), see above.
-      seed: integer seed of the mask sequence (a Python int, or an integer
-        array, traced or not, as ``optax.inject_hyperparams`` passes it).
+      seed: integer seed of the mask sequence, in ``[-2**31, 2**31 - 1]`` (a
+        Python or numpy int, or an integer 0-d array, traced or not, as
+        ``optax.inject_hyperparams`` passes it).
 
     Returns:
       The corresponding :class:`sam_optax.geometry.AscentGeometry`.
@@ -101,6 +99,7 @@ def stochastic(
       Du et al, `Efficient Sharpness-aware Minimization for Improved Training of
       Neural Networks <https://arxiv.org/abs/2110.03141>`_, ICLR 2022
     """
+    _utils.check_transformation("geometry", geometry, "an AscentGeometry")
     _utils.check_range("beta", beta, low=0.0, high=1.0, low_inclusive=False)
     if granularity not in ("tensor", "coordinate"):
         raise ValueError(f"granularity must be 'tensor' or 'coordinate', got {granularity!r}.")

@@ -102,6 +102,49 @@ def check_clean_grads(grads: Any, clean_grads: Any, name: str) -> None:
         raise ValueError(MISPLACED.format(name=name))
 
 
+def check_perturbed_grads(grads: Any, perturbed_grads: Any, name: str) -> Any:
+    """``perturbed_grads`` masked like ``grads``; ``ValueError`` unless they match.
+
+    ``perturbed_grads`` is first masked like ``grads`` (``MaskedNode`` where
+    ``grads`` has one, so a rule inside ``optax.masked`` may be given the full
+    perturbed gradient); it must then have the tree structure and leaf shapes of
+    ``grads``. Checked at trace time (structures and shapes are static), so it
+    costs nothing at run time.
+
+    Args:
+      grads: the clean gradient the rule (or wrapper) received as ``updates``.
+      perturbed_grads: the gradient at the perturbed weights.
+      name: the rule's name, for the error message.
+
+    Returns:
+      ``perturbed_grads`` with ``MaskedNode`` leaves where ``grads`` has them.
+
+    Raises:
+      ValueError: naming ``perturbed_grads``, on a structure or shape mismatch.
+    """
+    try:
+        masked = _utils.mask_like(grads, perturbed_grads)
+    except (ValueError, TypeError) as e:
+        raise ValueError(
+            f"{name}: perturbed_grads must have the tree structure of the gradient "
+            f"{jax.tree.structure(grads)}, got {jax.tree.structure(perturbed_grads)}."
+        ) from e
+    want, got = jax.tree.structure(grads), jax.tree.structure(masked)
+    if want != got:
+        raise ValueError(
+            f"{name}: perturbed_grads must have the tree structure of the gradient {want}, "
+            f"got {jax.tree.structure(perturbed_grads)}."
+        )
+    paths = jax.tree_util.tree_flatten_with_path(grads)[0]
+    for (path, a), b in zip(paths, jax.tree.leaves(masked)):
+        if jnp.shape(a) != jnp.shape(b):
+            raise ValueError(
+                f"{name}: perturbed_grads{jax.tree_util.keystr(path)} has shape {jnp.shape(b)}, "
+                f"but the gradient's leaf has shape {jnp.shape(a)}."
+            )
+    return masked
+
+
 def _is_multi_steps(x: Any) -> bool:
     return isinstance(x, optax.MultiStepsState)
 
@@ -122,10 +165,16 @@ def check_no_multi_steps(inner_state: Any, name: str) -> None:
 
 
 def clip_by_global_norm(tree: Any, max_norm: Any) -> Any:
-    """``tree * min(1, max_norm / ||tree||)`` (no NaN for a zero tree)."""
-    norm = _utils.tree_norm(tree)
-    scale = jnp.where(norm > max_norm, max_norm / jnp.where(norm > 0, norm, 1.0), 1.0)
-    return jax.tree.map(lambda x: scale * x, tree)
+    """``tree * min(1, max_norm / ||tree||)`` (no NaN for a zero tree), in at least float32.
+
+    A clipped tree is computed as ``u * (max_norm / ||u||)`` with ``u = tree / d``
+    (``d`` a power of two near ``max |x|``, see :func:`sam_optax._utils.tree_norm_parts`),
+    so a huge finite tree is clipped to norm ``max_norm`` in its own direction.
+    """
+    u, d, n = _utils.tree_norm_parts(tree)
+    clip = d * n > max_norm
+    scale = max_norm / _utils.safe_divisor(n)
+    return jax.tree.map(lambda x, ux: jnp.where(clip, scale * ux, _utils.to_compute(x)), tree, u)
 
 
 def sharpness_rule(
@@ -162,6 +211,7 @@ def sharpness_rule(
       ``ValueError`` if a transformation chained before the rule changed
       ``grads`` (see :func:`check_clean_grads`).
     """
+    _utils.check_transformation("base", base)
     if max_norm is not None:
         _utils.check_range("max_norm", max_norm, low=0.0, low_inclusive=False)
     if not isinstance(has_post, bool):
@@ -181,7 +231,7 @@ def sharpness_rule(
         if perturbed_grads is None:
             raise ValueError(MISSING_PERTURBED.format(name=name))
         check_clean_grads(updates, clean_grads, name)
-        perturbed_grads = _utils.mask_like(updates, perturbed_grads)
+        perturbed_grads = check_perturbed_grads(updates, perturbed_grads, name)
         g = _utils.to_compute(updates)
         g_pert = _utils.to_compute(perturbed_grads)
         if max_norm is not None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -70,13 +70,23 @@ def gsam(
 
     def combine(g, g_pert, state, params):
         del params
-        unit = 1.0 / (_utils.tree_norm(g_pert) + eps)
-        coef = _utils.tree_vdot(g, g_pert) * unit * unit
-        # g_pert - alpha * (g - coef * g_pert), in one elementwise pass
-        scale = 1.0 + alpha * coef
-        return jax.tree.map(lambda a, b: scale * b - alpha * a, g, g_pert), None, state.extra
+        return gsam_direction(g, g_pert, alpha, eps), None, state.extra
 
     return sharpness_rule(base, combine, name="gsam", max_norm=max_norm)
+
+
+def gsam_direction(g: Any, g_pert: Any, alpha: Any, eps: Any) -> Any:
+    r""":math:`\tilde g - \alpha\,(g - \langle g, v\rangle v)` with
+    :math:`v = \tilde g / (\lVert\tilde g\rVert + \varepsilon)`.
+
+    Overflow-safe: ``v`` is a scaled unit direction and :math:`\langle g, v\rangle
+    = d \langle g / d, v\rangle` (``d`` a power of two near :math:`\max|g|`).
+    A zero :math:`\tilde g` gives :math:`v = 0` (no NaN, also with ``eps = 0``).
+    """
+    v = _utils.tree_direction(g_pert, eps)
+    u, d = _utils.tree_scaled(g)
+    c = _utils.tree_vdot(u, v)
+    return jax.tree.map(lambda a, b, vi: b - alpha * (a - d * (c * vi)), g, g_pert, v)
 
 
 def gsam_rho_schedule(
@@ -103,22 +113,25 @@ def gsam_rho_schedule(
 
     Returns:
       An optax schedule of the step count (constant ``rho_max`` when the
-      learning rate is constant or ``lr_max == lr_min``).
+      learning rate is constant or ``lr_max == lr_min``), in float32, or in
+      float64 under ``jax_enable_x64`` (the geometry then casts it to the
+      gradient's dtype).
     """
+    _utils.check_range("learning_rate", learning_rate, low=0.0, allow_schedule=True)
     _utils.check_range("rho_min", rho_min, low=0.0)
-    _utils.check_range("rho_max", rho_max, low=rho_min if isinstance(rho_min, (int, float)) else None)
+    _utils.check_range("rho_max", rho_max, low=rho_min, low_name="rho_min")
+    _utils.check_range("lr_min", lr_min, low=0.0, allow_none=True)
+    _utils.check_range("lr_max", lr_max, low=lr_min, allow_none=True, low_name="lr_min")
     if not callable(learning_rate):
-        return lambda count: jnp.asarray(rho_max, jnp.float32) + 0.0 * count
+        return lambda count: jnp.asarray(rho_max, _utils.hyper_dtype()) + 0.0 * count
     if lr_max is None or lr_min is None:
         raise ValueError("lr_max and lr_min are required when learning_rate is a schedule.")
-    _utils.check_range("lr_min", lr_min, low=0.0)
-    _utils.check_range("lr_max", lr_max, low=lr_min)
     span = lr_max - lr_min
 
     def schedule(count):
         if span == 0:
-            return jnp.asarray(rho_max, jnp.float32) + 0.0 * count
-        lr = jnp.asarray(learning_rate(count), jnp.float32)
+            return jnp.asarray(rho_max, _utils.hyper_dtype()) + 0.0 * count
+        lr = jnp.asarray(learning_rate(count), _utils.hyper_dtype())
         return rho_min + (rho_max - rho_min) * (lr - lr_min) / span
 
     return schedule

@@ -87,12 +87,9 @@ def looksam(
     def combine(g, g_pert, state, params):
         del params
         full = state.rule_count % k == 0
-        g_norm = _utils.tree_norm(g)
-        coef = _utils.tree_vdot(g, g_pert) / (g_norm * g_norm + eps)
-        fresh = jax.tree.map(lambda s, c: s - coef * c, g_pert, g)
+        fresh = sharpness_direction(g_pert, g, eps)
         g_v = jax.tree.map(lambda a, b: jnp.where(full, a, b), fresh, state.extra.sharpness_direction)
-        scale = alpha * g_norm / (_utils.tree_norm(g_v) + eps)
-        reused = jax.tree.map(lambda c, v: c + scale * v, g, g_v)
+        reused = reuse_direction(g, g_v, alpha, eps)
         base_grads = jax.tree.map(lambda s, r: jnp.where(full, s, r), g_pert, reused)
         next_full = (state.rule_count + 1) % k == 0
         return base_grads, None, LookSAMState(g_v, next_full)
@@ -100,15 +97,35 @@ def looksam(
     return sharpness_rule(base, combine, name="looksam", max_norm=max_norm, init_extra=init_extra)
 
 
+def sharpness_direction(g_s: Any, g: Any, eps: Any) -> Any:
+    r""":math:`g_v = g_s - \langle g, g_s\rangle\, g / (\lVert g\rVert^2 + \varepsilon)`.
+
+    Overflow-safe: with ``u = g / d``, ``n = ||u||`` and :math:`g_s = d_s u_s`
+    (``d``, :math:`d_s` powers of two near the largest entries) it is
+    :math:`g_s - d_s \langle u, u_s\rangle u / (n^2 + \varepsilon / d^2)`;
+    a zero ``g`` gives :math:`g_v = g_s` (no NaN, also with ``eps = 0``).
+    """
+    u, d, n = _utils.tree_norm_parts(g)
+    u_s, d_s = _utils.tree_scaled(g_s)
+    c = _utils.tree_vdot(u, u_s) / _utils.safe_divisor(n * n + eps / d / d)
+    return jax.tree.map(lambda s, ui: s - d_s * (c * ui), g_s, u)
+
+
+def reuse_direction(g: Any, g_v: Any, alpha: Any, eps: Any) -> Any:
+    r""":math:`g + \alpha \lVert g\rVert\, g_v / (\lVert g_v\rVert + \varepsilon)`,
+    computed as :math:`g + d\,(\alpha\, n\, w)` with :math:`\lVert g\rVert = d\,n`
+    and ``w`` the scaled unit direction of :math:`g_v` (0 for :math:`g_v = 0`)."""
+    _, d, n = _utils.tree_norm_parts(g)
+    w = _utils.tree_direction(g_v, eps)
+    return jax.tree.map(lambda c, wi: c + d * (alpha * n * wi), g, w)
+
+
 def _check_k(k: Any) -> Any:
     """``k`` as a Python int ``>= 1``; an integer tracer is kept (``count % k`` works)."""
+    _utils.check_int("k", k, low=1, allow_array=True)  # a tracer: shape and dtype only
     if _utils.is_traced(k):
-        _utils.check_integer_tracer("k", k)
         return k
-    if isinstance(k, jax.Array):
-        k = _utils.static_number("k", k)
-    _utils.check_positive_int("k", k)
-    return k
+    return int(k)
 
 
 def looksam_full_step(opt_state: Any) -> jax.Array:

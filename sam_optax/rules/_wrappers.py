@@ -11,7 +11,6 @@ optax wrappers that cannot be detected from inside the rule.
 
 from __future__ import annotations
 
-import numbers
 from typing import Any, NamedTuple
 
 import jax
@@ -20,7 +19,12 @@ from jax import lax
 import optax
 
 from sam_optax import _utils
-from sam_optax.rules._base import MISSING_PERTURBED, SharpnessRuleState, check_clean_grads
+from sam_optax.rules._base import (
+    MISSING_PERTURBED,
+    SharpnessRuleState,
+    check_clean_grads,
+    check_perturbed_grads,
+)
 
 
 def _zeros_or_keep(pred: jax.Array, do_update, rule_state: Any):
@@ -86,6 +90,8 @@ def apply_to_both(
       clean_grads=pre(g))``; given ``clean_grads``, it first checks that
       nothing chained before it changed ``grads`` (``ValueError`` otherwise).
     """
+    _utils.check_transformation("pre", pre)
+    _utils.check_transformation("rule", rule)
     pre = optax.with_extra_args_support(pre)
     rule = optax.with_extra_args_support(rule)
 
@@ -100,7 +106,7 @@ def apply_to_both(
         if perturbed_grads is None:
             raise ValueError(MISSING_PERTURBED.format(name="apply_to_both"))
         check_clean_grads(updates, clean_grads, "apply_to_both")
-        perturbed_grads = _utils.mask_like(updates, perturbed_grads)
+        perturbed_grads = check_perturbed_grads(updates, perturbed_grads, "apply_to_both")
         g, pre_clean = pre.update(updates, state.pre_clean_state, params, **extra_args)
         g_pert, pre_pert = pre.update(perturbed_grads, state.pre_perturbed_state, params, **extra_args)
         new_updates, rule_state = rule.update(
@@ -171,12 +177,8 @@ def skip_nonfinite(
       perturbed_grads, clean_grads=None, **extra_args)`` forwards everything to
       ``rule.update``.
     """
-    if (
-        isinstance(max_consecutive_errors, bool)
-        or not isinstance(max_consecutive_errors, numbers.Integral)
-        or max_consecutive_errors < 0
-    ):
-        raise ValueError(f"max_consecutive_errors must be an integer >= 0, got {max_consecutive_errors!r}.")
+    _utils.check_transformation("rule", rule)
+    _utils.check_int("max_consecutive_errors", max_consecutive_errors, low=0)
     rule = optax.with_extra_args_support(rule)
 
     def init_fn(params):
@@ -191,7 +193,7 @@ def skip_nonfinite(
         if perturbed_grads is None:
             raise ValueError(MISSING_PERTURBED.format(name="skip_nonfinite"))
         check_clean_grads(updates, clean_grads, "skip_nonfinite")
-        finite = _all_finite(updates, _utils.mask_like(updates, perturbed_grads))
+        finite = _all_finite(updates, check_perturbed_grads(updates, perturbed_grads, "skip_nonfinite"))
         streak = jnp.where(finite, jnp.zeros([], jnp.int32), optax.safe_increment(state.nonfinite_streak))
 
         def do_update():
@@ -263,6 +265,7 @@ def accumulate(rule: optax.GradientTransformation, every_k: int) -> optax.Gradie
       perturbed_grads, clean_grads=None, **extra_args)`` forwards the extra
       arguments of the ``k``-th call to ``rule.update``.
     """
+    _utils.check_transformation("rule", rule)
     _utils.check_positive_int("every_k", every_k)
     rule = optax.with_extra_args_support(rule)
 
@@ -281,7 +284,7 @@ def accumulate(rule: optax.GradientTransformation, every_k: int) -> optax.Gradie
         if perturbed_grads is None:
             raise ValueError(MISSING_PERTURBED.format(name="accumulate"))
         check_clean_grads(updates, clean_grads, "accumulate")
-        perturbed_grads = _utils.mask_like(updates, perturbed_grads)
+        perturbed_grads = check_perturbed_grads(updates, perturbed_grads, "accumulate")
         n = (state.micro_step + 1).astype(jnp.float32)
 
         def running_mean(mean, x):
