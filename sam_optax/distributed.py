@@ -146,8 +146,8 @@ def place(tree: Any, mesh: jax.sharding.Mesh, like: Any = None) -> Any:
       >>> mesh = sam_optax.distributed.data_mesh(devices=jax.devices()[:1])
       >>> params = sam_optax.distributed.place({"w": jnp.zeros(3)}, mesh)
       >>> state = sam_optax.distributed.place(optax.adam(1e-3).init(params), mesh, like=params)
-      >>> state[0].mu["w"].sharding.spec
-      PartitionSpec()
+      >>> state[0].mu["w"].sharding == params["w"].sharding
+      True
     """
     if not isinstance(mesh, jax.sharding.Mesh):
         raise ValueError(f"mesh must be a jax.sharding.Mesh, got {mesh!r}.")

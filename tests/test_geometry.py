@@ -175,7 +175,7 @@ def random_tree(shape_list, seed):
     return g, w
 
 
-@settings(max_examples=16, deadline=None)
+@settings(max_examples=10, deadline=None)
 @given(shapes, st.integers(0, 10_000), st.floats(0.01, 2.0), st.sampled_from(sorted(ALL_GEOMETRIES)))
 def test_property_norm_is_rho(shape_list, seed, rho, name):
     g, w = random_tree(shape_list, seed)
@@ -184,7 +184,7 @@ def test_property_norm_is_rho(shape_list, seed, rho, name):
     np.testing.assert_allclose(geo.norm(eps, g, w), rho, rtol=2e-4)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=12, deadline=None)
 @given(shapes, st.integers(0, 10_000), st.floats(0.01, 2.0), st.floats(0.01, 3.0))
 def test_property_identities(shape_list, seed, rho, eta):
     g, w = random_tree(shape_list, seed)

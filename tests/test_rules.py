@@ -310,7 +310,7 @@ def _trees(shape_list, seed):
     return mk(0), mk(1), mk(2)
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=12, deadline=None)
 @given(_shapes, st.integers(0, 10_000), st.floats(0.0, 0.95), st.floats(0.001, 1.0))
 def test_property_rule_identities(shape_list, seed, gamma, lr):
     g, gp, w = _trees(shape_list, seed)
