@@ -102,6 +102,21 @@ def check_clean_grads(grads: Any, clean_grads: Any, name: str) -> None:
         raise ValueError(MISPLACED.format(name=name))
 
 
+def read_both(grads: Any, perturbed_grads: Any, clean_grads: Any, name: str) -> Any:
+    """The checks every rule and wrapper makes on its inputs, in one place:
+    ``perturbed_grads`` is given (:data:`MISSING_PERTURBED`), ``grads`` is the
+    untouched ``clean_grads`` when those are given (:func:`check_clean_grads`),
+    and ``perturbed_grads`` matches ``grads`` (:func:`check_perturbed_grads`).
+
+    Returns:
+      ``perturbed_grads`` masked like ``grads``.
+    """
+    if perturbed_grads is None:
+        raise ValueError(MISSING_PERTURBED.format(name=name))
+    check_clean_grads(grads, clean_grads, name)
+    return check_perturbed_grads(grads, perturbed_grads, name)
+
+
 def check_perturbed_grads(grads: Any, perturbed_grads: Any, name: str) -> Any:
     """``perturbed_grads`` masked like ``grads``; ``ValueError`` unless they match.
 
@@ -228,10 +243,7 @@ def sharpness_rule(
         return SharpnessRuleState(rule_count=jnp.zeros([], jnp.int32), inner_state=inner, extra=extra)
 
     def update_fn(updates, state, params=None, *, perturbed_grads=None, clean_grads=None, **extra_args):
-        if perturbed_grads is None:
-            raise ValueError(MISSING_PERTURBED.format(name=name))
-        check_clean_grads(updates, clean_grads, name)
-        perturbed_grads = check_perturbed_grads(updates, perturbed_grads, name)
+        perturbed_grads = read_both(updates, perturbed_grads, clean_grads, name)
         g = _utils.to_compute(updates)
         g_pert = _utils.to_compute(perturbed_grads)
         if max_norm is not None:

@@ -19,12 +19,7 @@ from jax import lax
 import optax
 
 from sam_optax import _utils
-from sam_optax.rules._base import (
-    MISSING_PERTURBED,
-    SharpnessRuleState,
-    check_clean_grads,
-    check_perturbed_grads,
-)
+from sam_optax.rules._base import SharpnessRuleState, read_both
 
 
 def _zeros_or_keep(pred: jax.Array, do_update, rule_state: Any):
@@ -103,10 +98,7 @@ def apply_to_both(
         )
 
     def update_fn(updates, state, params=None, *, perturbed_grads=None, clean_grads=None, **extra_args):
-        if perturbed_grads is None:
-            raise ValueError(MISSING_PERTURBED.format(name="apply_to_both"))
-        check_clean_grads(updates, clean_grads, "apply_to_both")
-        perturbed_grads = check_perturbed_grads(updates, perturbed_grads, "apply_to_both")
+        perturbed_grads = read_both(updates, perturbed_grads, clean_grads, "apply_to_both")
         g, pre_clean = pre.update(updates, state.pre_clean_state, params, **extra_args)
         g_pert, pre_pert = pre.update(perturbed_grads, state.pre_perturbed_state, params, **extra_args)
         new_updates, rule_state = rule.update(
@@ -190,10 +182,7 @@ def skip_nonfinite(
         )
 
     def update_fn(updates, state, params=None, *, perturbed_grads=None, clean_grads=None, **extra_args):
-        if perturbed_grads is None:
-            raise ValueError(MISSING_PERTURBED.format(name="skip_nonfinite"))
-        check_clean_grads(updates, clean_grads, "skip_nonfinite")
-        finite = _all_finite(updates, check_perturbed_grads(updates, perturbed_grads, "skip_nonfinite"))
+        finite = _all_finite(updates, read_both(updates, perturbed_grads, clean_grads, "skip_nonfinite"))
         streak = jnp.where(finite, jnp.zeros([], jnp.int32), optax.safe_increment(state.nonfinite_streak))
 
         def do_update():
@@ -281,10 +270,7 @@ def accumulate(rule: optax.GradientTransformation, every_k: int) -> optax.Gradie
         )
 
     def update_fn(updates, state, params=None, *, perturbed_grads=None, clean_grads=None, **extra_args):
-        if perturbed_grads is None:
-            raise ValueError(MISSING_PERTURBED.format(name="accumulate"))
-        check_clean_grads(updates, clean_grads, "accumulate")
-        perturbed_grads = check_perturbed_grads(updates, perturbed_grads, "accumulate")
+        perturbed_grads = read_both(updates, perturbed_grads, clean_grads, "accumulate")
         n = (state.micro_step + 1).astype(jnp.float32)
 
         def running_mean(mean, x):
