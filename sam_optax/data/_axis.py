@@ -10,7 +10,7 @@ import jax
 from sam_optax import _utils
 from sam_optax.data._selection import DataSelection
 
-CHUNK_MODES = ("vmap", "unroll", "scan")
+CHUNK_MODES = ("auto", "vmap", "unroll", "scan")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,7 +22,7 @@ class DataAxis:
       axis_name: the mesh axes of the devices, a tuple (empty: one device).
       mesh: the mesh the function maps itself over (``None``: the caller's
         ``shard_map`` / ``pmap``, or no devices).
-      chunk_mode: ``'vmap'``, ``'unroll'`` or ``'scan'``.
+      chunk_mode: ``'auto'`` (default), ``'vmap'``, ``'unroll'`` or ``'scan'``.
       microbatch_size: size of the micro-batches each pass accumulates over.
       selection: the second-pass data selection (e.g. ESAM's SDS), or ``None``.
     """
@@ -30,7 +30,7 @@ class DataAxis:
     m: Optional[int] = None
     axis_name: tuple[str, ...] = ()
     mesh: Optional[jax.sharding.Mesh] = None
-    chunk_mode: str = "vmap"
+    chunk_mode: str = "auto"
     microbatch_size: Optional[int] = None
     selection: Optional[DataSelection] = None
 
@@ -74,7 +74,7 @@ def shards(
     *,
     axis_name: Union[str, Sequence[str], None] = None,
     mesh: Optional[jax.sharding.Mesh] = None,
-    chunk_mode: str = "vmap",
+    chunk_mode: str = "auto",
     microbatch_size: Optional[int] = None,
     selection: Optional[DataSelection] = None,
 ) -> DataAxis:
@@ -90,7 +90,10 @@ def shards(
       (``chunk_mode='vmap'``: batched matmuls / grouped convolutions), unrolled
       in the program (``'unroll'``: one ordinary pass per chunk; compile time
       grows with the number of chunks) or in a ``lax.scan`` (``'scan'``: the
-      memory of one chunk). All three give the same result.
+      memory of one chunk). All three give the same result. ``'auto'`` (the
+      default) picks one when the program is traced: ``'unroll'`` on CPU when
+      the loss has a convolution (XLA:CPU runs batched-kernel convolutions on a
+      slow path) and there are at most 32 chunks, else ``'vmap'``.
     * **devices**: inside your own ``jax.shard_map`` / ``jax.pmap``, pass the
       mapped ``axis_name`` (each device perturbs with its local gradient, the
       results are ``pmean``-ed); or pass ``mesh=`` and the function maps itself
@@ -110,7 +113,7 @@ def shards(
         ``pmap``, or of ``mesh``).
       mesh: a ``jax.sharding.Mesh``, Auto or Explicit axes: the function runs
         itself under ``jax.shard_map`` with the batch split over ``axis_name``.
-      chunk_mode: ``'vmap'``, ``'unroll'`` or ``'scan'``.
+      chunk_mode: ``'auto'``, ``'vmap'``, ``'unroll'`` or ``'scan'`` (see above).
       microbatch_size: each pass over a shard is accumulated over micro-batches
         of this size (a divisor of the shard size); the shard still shares one
         perturbation made from its full gradient.
@@ -132,7 +135,7 @@ def shards(
     _utils.check_positive_int("m", m, allow_none=True)
     _utils.check_positive_int("microbatch_size", microbatch_size, allow_none=True)
     if chunk_mode not in CHUNK_MODES:
-        raise ValueError(f"chunk_mode must be 'vmap', 'scan' or 'unroll', got {chunk_mode!r}.")
+        raise ValueError(f"chunk_mode must be 'auto', 'vmap', 'unroll' or 'scan', got {chunk_mode!r}.")
     axes = _axis_tuple(axis_name)
     if mesh is not None:
         axes = _mesh_axes(mesh, axes)

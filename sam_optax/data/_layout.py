@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+from jax.extend import core as jax_core
 
 from sam_optax.data import _shards
 
@@ -67,6 +68,8 @@ def _local_chunks(body: Callable[[Any], tuple[Any, Any]], batch: Any, n: int, mo
     if n == 1:
         return body(batch)
     chunks = _shards.split(batch, n)
+    if mode == "auto":
+        mode = auto_mode(body, chunks)
     if mode == "vmap":
         stacked, new_state = jax.vmap(body, out_axes=(0, None))(chunks)
         return _shards.chunk_mean(stacked), new_state
@@ -93,6 +96,38 @@ def _device_chunks(body, batch, n, mode, state, like, axes: tuple[str, ...], gro
     per_device = lambda b: _local_chunks(body, b, n // groups, mode, state, like)  # noqa: E731
     stacked, new_state = jax.vmap(per_device, out_axes=(0, None), spmd_axis_name=axes or None)(view)
     return _shards.device_mean(stacked), new_state
+
+
+# The layout 'auto' picks, per backend. XLA:CPU runs a convolution whose kernel
+# is batched over chunks (vmap: a grouped convolution) on a slow path, and a
+# convolution inside a loop (scan) slower still; one ordinary convolution per
+# chunk (unroll) runs at SAM's speed there (benchmarks/results/step_cost_cpu.json).
+# Matmul-only models: batched matmuls (vmap) are as fast as unrolled ones and
+# compile once. Accelerators: vmap (batched matmuls, grouped convolutions).
+MAX_UNROLL = 32  # more chunks than this: 'vmap' (unrolled programs compile too slowly)
+_CONVOLUTIONS = ("conv_general_dilated",)
+
+
+def _primitives(jaxpr: Any) -> set:
+    """Names of the primitives of ``jaxpr`` and of every jaxpr nested in it."""
+    names = set()
+    for eqn in jaxpr.eqns:
+        names.add(eqn.primitive.name)
+        for sub in jax_core.jaxprs_in_params(eqn.params):
+            names |= _primitives(sub)
+    return names
+
+
+def auto_mode(body: Callable[[Any], Any], chunks: Any) -> str:
+    """The layout of ``chunk_mode='auto'`` for ``chunks`` (``[n, m, ...]``; a
+    trace-time choice, from the backend and the primitives of ``body``):
+    ``'unroll'`` on CPU when ``body`` has a convolution and ``n <= MAX_UNROLL``,
+    else ``'vmap'``."""
+    if jax.default_backend() != "cpu" or _shards.batch_size(chunks) > MAX_UNROLL:
+        return "vmap"
+    first = lambda c: body(jax.tree.map(lambda x: x[0], c))  # noqa: E731 (sliced in the inner trace only)
+    names = _primitives(jax.make_jaxpr(first)(chunks).jaxpr)
+    return "unroll" if any(c in names for c in _CONVOLUTIONS) else "vmap"
 
 
 def over_chunks(body: Callable[[Any], tuple[Any, Any]], batch: Any, n: int, mode: str, state: Any, like: jax.Array):
