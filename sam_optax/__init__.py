@@ -54,6 +54,7 @@ from sam_optax.rules import (
     gsam_rho_schedule,
     looksam,
     looksam_full_step,
+    looksam_schedule,
     sam,
     sharpness_rule,
     wsam,
@@ -61,6 +62,7 @@ from sam_optax.rules import (
 from sam_optax.one_object import SharpnessAwareTxState, sharpness_aware
 from sam_optax.train import SharpnessAwareState, plain_step, sharpness_aware_step
 from sam_optax.two_pass import SharpnessAwareGrads, sharpness_aware_grad
+from sam_optax import swp  # noqa: E402  (after two_pass and train: it builds on them)
 
 __version__ = "0.1.0"
 
@@ -74,6 +76,7 @@ def __getattr__(name):
     raise AttributeError(f"module 'sam_optax' has no attribute {name!r}")
 
 __all__ = [
+    "swp",
     "LookSAMState",
     "accumulate",
     "apply_to_both",
@@ -100,6 +103,7 @@ __all__ = [
     "gsam_rho_schedule",
     "looksam",
     "looksam_full_step",
+    "looksam_schedule",
     "lookahead",
     "lookahead_slow_params",
     "recompute_batch_stats",

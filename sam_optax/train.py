@@ -47,9 +47,11 @@ def sharpness_aware_step(
     ``lax.cond``: ``second_pass="auto"``, the default). ``step(...,
     second_pass=True / False)`` overrides that with a
     literal flag, so two programs can be jitted and one picked on the host each
-    step (with LookSAM: ``sam_optax.looksam_full_step(state.opt_state)``); on
-    XLA:CPU this avoids running convolutions inside a conditional. ``step`` is not jitted, so it
-    can be wrapped in ``jax.jit`` with donation, or called inside a larger step.
+    step (with LookSAM: ``next(schedule)`` of :func:`sam_optax.looksam_schedule`, which
+    reads no device value); on XLA:CPU this avoids running convolutions inside a
+    conditional, and the ``False`` program compiles LookSAM's one-pass reuse update
+    only. ``step`` is not jitted, so it can be wrapped in ``jax.jit`` with donation,
+    or called inside a larger step.
     With ``data=shards(mesh=mesh)``, ``init(params)`` (called outside ``jit``)
     places the state on the mesh where the step leaves it (param-shaped leaves
     sharded like ``params``, the rest replicated; see
@@ -81,8 +83,11 @@ def sharpness_aware_step(
     def step(params, state, batch, *args, second_pass="auto"):
         second_pass = resolve_second_pass(second_pass, state.opt_state)
         out = sa_grad(params, batch, *args, ascent_state=state.ascent_state, second_pass=second_pass)
+        # no second pass: hand the rule the clean gradient itself (LookSAM then compiles its
+        # one-pass reuse update, see sam_optax.rules.same_arrays)
+        perturbed = out.grads if second_pass is False else out.perturbed_grads
         updates, opt_state = tx.update(
-            out.grads, state.opt_state, params, perturbed_grads=out.perturbed_grads, clean_grads=out.grads
+            out.grads, state.opt_state, params, perturbed_grads=perturbed, clean_grads=out.grads
         )
         return optax.apply_updates(params, updates), SharpnessAwareState(opt_state, out.ascent_state), out
 

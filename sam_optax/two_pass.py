@@ -119,14 +119,16 @@ def _mean_loss(loss_fn: Callable[..., Any], has_aux: bool, per_example: bool) ->
     return fn
 
 
-def _shard_body(fn: Callable[..., Any], geometry: AscentGeometry, data: DataAxis, steps: int, step_size: float):
+def _shard_body(fn: Callable[..., Any], geometry: AscentGeometry, data: DataAxis, steps: int, step_size: float,
+                clean_pass: Optional[Callable[..., Any]] = None):
     """``body(params, shard, args, state, flag) -> (_ShardResult, new_state)``: the two
-    passes of one m-sharpness shard."""
+    passes of one m-sharpness shard. ``clean_pass(fn, params, state) -> fn'`` (internal
+    hook of :mod:`sam_optax.swp`) replaces the loss differentiated in the clean pass."""
     grad_fn = jax.value_and_grad(fn, has_aux=True)
 
-    def vg(params, shard, args):
+    def vg(params, shard, args, gf=grad_fn):
         like = _first_leaf(params)
-        return _layout.micro_batched(lambda s: grad_fn(params, s, *args), shard, data.microbatch_size, like)
+        return _layout.micro_batched(lambda s: gf(params, s, *args), shard, data.microbatch_size, like)
 
     def second(params, shard, args, g, state, eps, clean_losses):
         if steps > 1:
@@ -141,10 +143,13 @@ def _shard_body(fn: Callable[..., Any], geometry: AscentGeometry, data: DataAxis
         return selected_pass(data.selection, losses_at, grads_on, shard, clean_losses)
 
     def body(params, shard, args, state, flag):
-        (loss, (aux, clean_losses)), g = vg(params, shard, args)
+        gf = grad_fn if clean_pass is None else jax.value_and_grad(clean_pass(fn, params, state), has_aux=True)
+        (loss, (aux, clean_losses)), g = vg(params, shard, args, gf)
         eps, new_state = geometry.update(g, state, params)
 
-        def perturbed(_):
+        def perturbed(_, eps=eps):
+            if not isinstance(flag, _Always):  # eps made inside the branch: a reuse step skips it
+                eps, _ = geometry.update(g, state, params)
             ploss, gp = second(params, shard, args, g, state, eps, clean_losses)
             return jnp.asarray(ploss, loss.dtype), gp
 
@@ -211,6 +216,7 @@ def sharpness_aware_grad(
     has_aux: bool = False,
     ascent_steps: int = 1,
     ascent_step_size: Optional[float] = None,
+    _clean_pass: Optional[Callable[..., Any]] = None,
 ) -> Callable[..., SharpnessAwareGrads]:
     r"""Builds the jitted two-pass gradient function of sharpness-aware training.
 
@@ -253,6 +259,8 @@ def sharpness_aware_grad(
         (a longer step is always projected back onto the ball; a huge one
         overflowed the projection and gave a zero perturbation, i.e. SGD);
         default ``1 / ascent_steps``.
+      _clean_pass: internal hook of :func:`sam_optax.swp.swp_step` (``(fn, params,
+        ascent_state) -> fn'``, the loss differentiated in the clean pass); not for users.
 
     Returns:
       ``f(params, batch, *args, ascent_state=None, second_pass=True) ->
@@ -291,7 +299,7 @@ def sharpness_aware_grad(
     geometry, data = _check_args(geometry, data, ascent_steps, ascent_step_size)
     step_size = ascent_step_size if ascent_step_size is not None else 1.0 / ascent_steps
     fn = _mean_loss(loss_fn, has_aux, data.selection is not None)
-    local = _per_device(_shard_body(fn, geometry, data, ascent_steps, step_size), data)
+    local = _per_device(_shard_body(fn, geometry, data, ascent_steps, step_size, _clean_pass), data)
     run = on_mesh(local, data)
 
     @jax.jit

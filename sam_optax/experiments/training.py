@@ -83,7 +83,7 @@ def train_method(
     params = net.init(jax.random.PRNGKey(seed), jnp.asarray(data.x_train[:1]))["params"]
     init, step, get_opt_state = _make_step(recipe, loss_fn, per_example_loss)
     state = init(params)
-    step = jax.jit(step, donate_argnums=(0, 1))
+    step = _jit_step(step, state, get_opt_state, hp.looksam_k)
 
     @jax.jit
     def accuracy(params, state, x, y):
@@ -125,9 +125,39 @@ def train_method(
 
 
 
+def looksam_host_chosen_default() -> bool:
+    """Whether LookSAM's two programs are chosen on the host (XLA:CPU) rather than by
+    ``lax.cond`` inside one program (GPU / TPU).
+
+    XLA:CPU runs a convolution's gradient inside a conditional on a slow path
+    (jax-ml/jax#12868: the full step of a convnet measured several times slower), so
+    on CPU two jitted programs with literal ``second_pass`` flags are picked per step
+    by :func:`sam_optax.looksam_schedule`; elsewhere the one program with the
+    conditional avoids a second compilation.
+    """
+    return jax.default_backend() == "cpu"
+
+
+def _jit_step(step, state, get_opt_state, looksam_k):
+    """``step`` jitted with donation; a LookSAM step on CPU becomes two programs (literal
+    ``second_pass``) picked on the host by :func:`sam_optax.looksam_schedule`."""
+    opt_state = get_opt_state(state)
+    if optax.tree.get(opt_state, "looksam_full_step", None) is None or not looksam_host_chosen_default():
+        return jax.jit(step, donate_argnums=(0, 1))
+    programs = {flag: jax.jit(lambda p, s, b, flag=flag: step(p, s, b, second_pass=flag), donate_argnums=(0, 1))
+                for flag in (True, False)}
+    schedule = sam_optax.looksam_schedule(looksam_k, opt_state)  # checked against the state here
+
+    def host_step(params, state, batch):
+        return programs[next(schedule)](params, state, batch)
+
+    return host_step
+
+
 def _make_step(recipe, loss_fn, per_example_loss):
     """``(init, step, get_opt_state)`` of ``recipe``: plain or sharpness-aware,
-    ``step(params, state, batch) -> (params, state, loss)``."""
+    ``step(params, state, batch) -> (params, state, loss)`` (sharpness-aware: also
+    ``second_pass=``, see :func:`sam_optax.sharpness_aware_step`)."""
     if recipe.geometry is None:
         init, plain = sam_optax.plain_step(loss_fn, recipe.tx)
 
@@ -140,8 +170,8 @@ def _make_step(recipe, loss_fn, per_example_loss):
         init, sa_step = sam_optax.sharpness_aware_step(
             per_example_loss if recipe.per_example else loss_fn, recipe.tx, recipe.geometry, **recipe.sa_kwargs)
 
-        def step(params, state, batch):
-            params, state, out = sa_step(params, state, batch)
+        def step(params, state, batch, second_pass="auto"):
+            params, state, out = sa_step(params, state, batch, second_pass=second_pass)
             return params, state, out.loss
 
         get_opt_state = lambda state: state.opt_state  # noqa: E731

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+import weakref
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -24,17 +25,52 @@ class StochasticState(NamedTuple):
     inner_state: Any
 
 
+def tensor_bits(key: jax.Array, tree: Any, beta: float) -> list:
+    """One Bernoulli(beta) boolean scalar per leaf of ``tree`` (in leaf order), from
+    ``key``: the draws behind :func:`sample_mask`'s ``'tensor'`` masks."""
+    leaves = jax.tree.leaves(tree)
+    keys = jax.random.split(key, max(len(leaves), 1))
+    return [jax.random.bernoulli(k, beta) for k, _ in zip(keys, leaves)]
+
+
 def sample_mask(key: jax.Array, tree: Any, beta: float, granularity: str) -> Any:
     """Bernoulli(beta) 0/1 masks (float32) shaped like ``tree``: one draw per leaf
     (``'tensor'``) or per entry (``'coordinate'``)."""
     leaves, treedef = jax.tree.flatten(tree)
-    keys = jax.random.split(key, max(len(leaves), 1))
     if granularity == "tensor":
-        masks = [jnp.broadcast_to(jax.random.bernoulli(k, beta), jnp.shape(x)).astype(jnp.float32)
-                 for k, x in zip(keys, leaves)]
+        bits = tensor_bits(key, tree, beta)
+        masks = [jnp.broadcast_to(b, jnp.shape(x)).astype(jnp.float32) for b, x in zip(bits, leaves)]
     else:
+        keys = jax.random.split(key, max(len(leaves), 1))
         masks = [jax.random.bernoulli(k, beta, jnp.shape(x)).astype(jnp.float32) for k, x in zip(keys, leaves)]
     return jax.tree.unflatten(treedef, masks)
+
+
+class SWPConfig(NamedTuple):
+    """What :func:`stochastic` was built with (read by :mod:`sam_optax.swp`)."""
+
+    beta: float
+    granularity: str
+    normalize: str
+
+
+_CONFIGS: "weakref.WeakKeyDictionary[Any, SWPConfig]" = weakref.WeakKeyDictionary()
+
+
+def swp_config(geometry: Any) -> Optional[SWPConfig]:
+    """The :class:`SWPConfig` of a geometry made by :func:`stochastic`, else ``None``."""
+    try:
+        return _CONFIGS.get(geometry.update)
+    except TypeError:  # not weak-referenceable: not ours
+        return None
+
+
+def keep_bits(state: StochasticState, params: Any, beta: float) -> Any:
+    """The per-tensor mask bits the next ``update`` of a ``granularity='tensor'``
+    geometry will draw from ``state`` (same key split), as a tree of boolean
+    scalars shaped like ``params``; known before the clean gradient pass."""
+    _, sub = jax.random.split(state.key)
+    return jax.tree.unflatten(jax.tree.structure(params), tensor_bits(sub, params, beta))
 
 
 def _check_seed(seed: Any) -> Any:
@@ -75,13 +111,13 @@ def stochastic(
     m-sharpness shard of a step; the key lives in the state (reproducible from
     ``seed``, checkpointable).
 
-    What it saves in JAX: the official PyTorch code skips the weight gradients
-    of masked tensors in the first backward pass (``requires_grad=False``). XLA
-    programs are static, so a random per-step mask cannot remove those
-    gradient computations without a recompilation per mask; here SWP changes
-    the perturbation (its regularization effect) but not the cost of the
-    gradient passes. The saving of ESAM in JAX comes from
-    :func:`sam_optax.data.sharpness_sensitive`.
+    What it saves: the official PyTorch code skips the weight gradients of
+    the masked tensors in the first (clean) backward pass
+    (``requires_grad=False``). This geometry alone computes every gradient and
+    masks it; :func:`sam_optax.swp.swp_step` (``normalize='masked'``,
+    ``granularity='tensor'``, a rule that does not read the clean gradient,
+    e.g. :func:`sam_optax.sam`) draws the same masks before the clean pass
+    and skips the masked tensors' matmul / convolution kernel gradients there.
 
     Args:
       geometry: the ascent geometry to sparsify (e.g. ``l2(rho)``).
@@ -121,4 +157,5 @@ def stochastic(
         eps = jax.tree.map(lambda e, mk: e * mk / beta, eps, mask)
         return eps, StochasticState(key=key, inner_state=inner)
 
+    _CONFIGS[update_fn] = SWPConfig(beta, granularity, normalize)
     return AscentGeometry(init_fn, update_fn, geometry.norm)

@@ -41,7 +41,7 @@ from sam_optax.rules._base import (
     sharpness_rule,
 )
 from sam_optax.rules._gsam import gsam, gsam_rho_schedule
-from sam_optax.rules._looksam import LookSAMState, looksam, looksam_full_step
+from sam_optax.rules._looksam import LookSAMSchedule, LookSAMState, looksam, looksam_full_step, looksam_schedule
 from sam_optax.rules._sam import sam
 from sam_optax.rules._wrappers import (
     AccumulateState,
@@ -69,6 +69,8 @@ __all__ = [
     "gsam_rho_schedule",
     "looksam",
     "looksam_full_step",
+    "looksam_schedule",
+    "LookSAMSchedule",
     "sam",
     "sharpness_rule",
     "skip_nonfinite",

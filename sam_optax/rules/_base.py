@@ -192,6 +192,45 @@ def clip_by_global_norm(tree: Any, max_norm: Any) -> Any:
     return jax.tree.map(lambda x, ux: jnp.where(clip, scale * ux, _utils.to_compute(x)), tree, u)
 
 
+def same_arrays(a: Any, b: Any) -> bool:
+    """Whether two trees hold the very same arrays (Python identity, at trace time).
+
+    ``sharpness_aware_step(..., second_pass=False)`` passes ``perturbed_grads``
+    that *are* the clean ``grads``; a rule then sees ``g_pert is g`` leaf by leaf
+    and may compile a one-pass update (LookSAM's reuse step).
+    """
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    return bool(la) and len(la) == len(lb) and all(x is y for x, y in zip(la, lb))
+
+
+def global_norm_parts(tree: Any) -> tuple[jax.Array, jax.Array]:
+    r"""``(d, n)`` with :math:`\lVert tree\rVert_2 = d\, n`, in one pass over ``tree`` when it can.
+
+    The plain sum of squares :math:`s = \sum_i x_i^2` is exact to rounding when it is
+    finite and :math:`s \ge \sqrt{\mathrm{tiny}}` (squares that underflow then add
+    less than :math:`N \cdot \mathrm{tiny} / \sqrt{\mathrm{tiny}}` relative error):
+    ``(1, sqrt(s))``. Otherwise (a huge, tiny or zero tree; a non-finite entry) the
+    overflow-safe two-pass form of :func:`sam_optax._utils.tree_norm_parts` runs, under
+    ``lax.cond`` (scalar outputs only), so ``d * n`` never overflows in between.
+
+    Example::
+
+      >>> import jax.numpy as jnp
+      >>> d, n = global_norm_parts({"a": jnp.array([3.0]), "b": jnp.array([4.0])})
+      >>> float(d * n)
+      5.0
+    """
+    tree = _utils.to_compute(tree)
+    s = _utils.tree_sum(jax.tree.map(jnp.square, tree))
+    ok = jnp.isfinite(s) & (s >= jnp.sqrt(jnp.finfo(s.dtype).tiny))
+
+    def two_pass():
+        _, d, n = _utils.tree_norm_parts(tree)
+        return jnp.asarray(d, s.dtype), jnp.asarray(n, s.dtype)
+
+    return jax.lax.cond(ok, lambda: (jnp.ones_like(s), jnp.sqrt(s)), two_pass)
+
+
 def sharpness_rule(
     base: optax.GradientTransformation,
     combine: CombineFn,
@@ -244,11 +283,16 @@ def sharpness_rule(
 
     def update_fn(updates, state, params=None, *, perturbed_grads=None, clean_grads=None, **extra_args):
         perturbed_grads = read_both(updates, perturbed_grads, clean_grads, name)
+        one_pass = same_arrays(updates, perturbed_grads)  # no second pass: keep them one object
         g = _utils.to_compute(updates)
-        g_pert = _utils.to_compute(perturbed_grads)
         if max_norm is not None:
             g = clip_by_global_norm(g, max_norm)
-            g_pert = clip_by_global_norm(g_pert, max_norm)
+        if one_pass:
+            g_pert = g
+        else:
+            g_pert = _utils.to_compute(perturbed_grads)
+            if max_norm is not None:
+                g_pert = clip_by_global_norm(g_pert, max_norm)
         base_grads, post, extra = combine(g, g_pert, state, params)
         if post is not None and not has_post:
             raise ValueError(f"{name}: combine returned a post hook; build the rule with has_post=True.")

@@ -9,15 +9,17 @@ import jax.numpy as jnp
 import optax
 
 from sam_optax import _utils
-from sam_optax.rules._base import sharpness_rule
+from sam_optax.rules._base import SharpnessRuleState, global_norm_parts, same_arrays, sharpness_rule
 
 
 class LookSAMState(NamedTuple):
-    """LookSAM's own state (the ``extra`` of its :class:`SharpnessRuleState`).
+    r"""LookSAM's own state (the ``extra`` of its :class:`SharpnessRuleState`).
 
     Attributes:
-      sharpness_direction: :math:`g_v`, the part of the last full step's
-        perturbed gradient orthogonal to its clean gradient.
+      sharpness_direction: the unit sharpness direction
+        :math:`g_v / (\lVert g_v\rVert + \varepsilon)`, with :math:`g_v` the part of
+        the last full step's perturbed gradient orthogonal to its clean gradient
+        (stored normalized, so a reuse step never takes its norm).
       looksam_full_step: whether the *next* update is a full SAM step (read it
         with :func:`looksam_full_step` to skip the second pass on reuse steps).
     """
@@ -52,11 +54,18 @@ def looksam(
       g_s = g + \alpha \, \frac{\lVert g\rVert}{\lVert g_v\rVert} \, g_v .
 
     ``k = 1`` is exactly SAM. To make the reuse steps cost one gradient pass,
-    pass ``second_pass=sam_optax.looksam_full_step(opt_state)`` to the function
-    made by :func:`sam_optax.sharpness_aware_grad`: the choice happens inside
-    ``jit`` (``lax.cond``), with no recompilation. The decomposition is over the
-    whole parameter vector, as in the paper's Algorithm 1 (some third-party
-    implementations do it per tensor).
+    skip the second pass there: :func:`sam_optax.sharpness_aware_step` does it by
+    itself (``lax.cond`` inside ``jit``, no recompilation), or jit the two literal
+    programs and pick one on the host with :func:`looksam_schedule` (faster on
+    XLA:CPU for convnets). A reuse step costs one pass over the parameters more
+    than the base optimizer (:math:`\lVert g\rVert`): the unit direction
+    :math:`g_v / \lVert g_v\rVert` is stored, and when the rule is given
+    ``perturbed_grads`` that *are* ``grads`` (the same arrays: no second pass was
+    run, as the step passes them with a literal ``second_pass=False``) the step
+    compiles without the full-step branch at all. Such a call on a step that
+    should be a full one gives a NaN update, never a silent SGD step. The
+    decomposition is over the whole parameter vector, as in the paper's
+    Algorithm 1 (some third-party implementations do it per tensor).
 
     Args:
       base: any optax optimizer.
@@ -87,37 +96,62 @@ def looksam(
     def combine(g, g_pert, state, params):
         del params
         full = state.rule_count % k == 0
-        fresh = sharpness_direction(g_pert, g, eps)
-        g_v = jax.tree.map(lambda a, b: jnp.where(full, a, b), fresh, state.extra.sharpness_direction)
-        reused = reuse_direction(g, g_v, alpha, eps)
-        base_grads = jax.tree.map(lambda s, r: jnp.where(full, s, r), g_pert, reused)
-        next_full = (state.rule_count + 1) % k == 0
-        return base_grads, None, LookSAMState(g_v, next_full)
+        w = state.extra.sharpness_direction
+        d, n = global_norm_parts(g)
+        if same_arrays(g, g_pert):  # no second pass was run: a reuse step (NaN if it should not be)
+            bad = jnp.where(full, jnp.nan, 0.0)
+            base_grads = jax.tree.map(lambda gi, wi: gi + d * (alpha * n * wi) + bad, g, w)
+        else:
+            w = _stored_direction(g, g_pert, w, full, eps)  # read w once: updated in place
+            base_grads = jax.tree.map(
+                lambda gi, si, wi: jnp.where(full, si, gi + d * (alpha * n * wi)), g, g_pert, w
+            )
+        return base_grads, None, LookSAMState(w, (state.rule_count + 1) % k == 0)
 
     return sharpness_rule(base, combine, name="looksam", max_norm=max_norm, init_extra=init_extra)
 
 
-def sharpness_direction(g_s: Any, g: Any, eps: Any) -> Any:
+def _stored_direction(g: Any, g_s: Any, w: Any, full: jax.Array, eps: Any) -> Any:
+    """The new stored unit direction: the fresh one on full steps, ``w`` otherwise.
+
+    The reductions over the tree run under ``lax.cond`` with scalar outputs
+    (nothing param-sized is copied), so a reuse step only selects ``w``."""
+    zero = jnp.zeros((), _utils.tree_compute_dtype(g))
+    zeros = (zero,) * 4
+    inv_g, a, b1, b2 = jax.lax.cond(full, lambda: _direction_coefficients(g, g_s, eps), lambda: zeros)
+    fresh = lambda gi, si: ((si - a * (gi * inv_g)) * b1) * b2  # noqa: E731
+    return jax.tree.map(lambda gi, si, wi: jnp.where(full, fresh(gi, si), wi), g, g_s, w)
+
+
+def _direction_coefficients(g: Any, g_s: Any, eps: Any) -> tuple[jax.Array, ...]:
+    r"""Scalars ``(inv_g, a, b1, b2)`` with the unit sharpness direction
+    :math:`w_i = ((g_{s,i} - a\, g_i\, \mathrm{inv}_g)\, b_1)\, b_2`."""
+    g_v, (inv_g, a) = sharpness_direction(g_s, g, eps, coefficients=True)
+    _, d_v, n_v = _utils.tree_norm_parts(g_v)
+    inv_v = 1.0 / d_v  # d_v is a power of two: exact, normal
+    dtype = _utils.tree_compute_dtype(g)
+    out = (inv_g, a, 2 * inv_v, 0.5 / _utils.safe_divisor(n_v + eps / d_v))
+    return tuple(jnp.asarray(x, dtype) for x in out)
+
+
+def sharpness_direction(g_s: Any, g: Any, eps: Any, *, coefficients: bool = False) -> Any:
     r""":math:`g_v = g_s - \langle g, g_s\rangle\, g / (\lVert g\rVert^2 + \varepsilon)`.
 
     Overflow-safe: with ``u = g / d``, ``n = ||u||`` and :math:`g_s = d_s u_s`
     (``d``, :math:`d_s` powers of two near the largest entries) it is
-    :math:`g_s - d_s \langle u, u_s\rangle u / (n^2 + \varepsilon / d^2)`;
+    :math:`g_s - a\, u` with :math:`a = d_s \langle u, u_s\rangle / (n^2 + \varepsilon / d^2)`;
     a zero ``g`` gives :math:`g_v = g_s` (no NaN, also with ``eps = 0``).
+    With ``coefficients=True`` returns ``(g_v, (1 / d, a))``.
     """
     u, d, n = _utils.tree_norm_parts(g)
     u_s, d_s = _utils.tree_scaled(g_s)
-    c = _utils.tree_vdot(u, u_s) / _utils.safe_divisor(n * n + eps / d / d)
-    return jax.tree.map(lambda s, ui: s - d_s * (c * ui), g_s, u)
-
-
-def reuse_direction(g: Any, g_v: Any, alpha: Any, eps: Any) -> Any:
-    r""":math:`g + \alpha \lVert g\rVert\, g_v / (\lVert g_v\rVert + \varepsilon)`,
-    computed as :math:`g + d\,(\alpha\, n\, w)` with :math:`\lVert g\rVert = d\,n`
-    and ``w`` the scaled unit direction of :math:`g_v` (0 for :math:`g_v = 0`)."""
-    _, d, n = _utils.tree_norm_parts(g)
-    w = _utils.tree_direction(g_v, eps)
-    return jax.tree.map(lambda c, wi: c + d * (alpha * n * wi), g, w)
+    # eps / d^2, and 0 for eps = 0: under jit XLA may fold eps / d / d into eps / (d * d),
+    # which is 0 / 0 for a tiny gradient (d * d underflows)
+    eps_term = jnp.where(eps > 0, eps / d / d, 0.0)
+    c = _utils.tree_vdot(u, u_s) / _utils.safe_divisor(n * n + eps_term)
+    a, inv_g = d_s * c, 1.0 / d
+    g_v = jax.tree.map(lambda s, gi: s - a * (_utils.to_compute(gi) * inv_g), _utils.to_compute(g_s), g)
+    return (g_v, (inv_g, a)) if coefficients else g_v
 
 
 def _check_k(k: Any) -> Any:
@@ -134,3 +168,87 @@ def looksam_full_step(opt_state: Any) -> jax.Array:
     Finds the LookSAM state anywhere inside ``opt_state`` (chains, wrappers).
     """
     return optax.tree.get(opt_state, "looksam_full_step")
+
+
+class LookSAMSchedule:
+    """Host-side literal ``second_pass`` flags of a LookSAM rule (see :func:`looksam_schedule`)."""
+
+    def __init__(self, k: int, step: int):
+        self.k, self.step = k, step
+
+    def __iter__(self) -> "LookSAMSchedule":
+        return self
+
+    def __next__(self) -> bool:
+        full = self.step % self.k == 0
+        self.step += 1
+        return full
+
+    def check(self, opt_state: Any) -> None:
+        """``ValueError`` unless the next flag is the LookSAM state's own (one device read)."""
+        count, full = _looksam_counter(opt_state)
+        if count != self.step or bool(full) != (self.step % self.k == 0):
+            raise ValueError(
+                f"looksam_schedule is out of sync with the LookSAM state: the schedule is at step "
+                f"{self.step} (k={self.k}, next full step: {self.step % self.k == 0}), the state at "
+                f"rule_count {count} (next full step: {bool(full)}). Build the schedule from the "
+                "state it drives, with the rule's k, and take one flag per update."
+            )
+
+
+def looksam_schedule(k: int, opt_state: Any) -> LookSAMSchedule:
+    r"""The literal ``second_pass`` flag of each coming LookSAM update, from a Python counter.
+
+    ``next(schedule)`` is ``True`` on full steps (:math:`t \bmod k = 0`) and
+    ``False`` on reuse steps, with :math:`t` the rule's own ``rule_count``: read
+    from ``opt_state`` once, here, and then advanced by one per flag, as the rule
+    advances it by one per update. So the schedule stays in sync as long as each
+    flag drives exactly one update of the rule (not under
+    :func:`sam_optax.rules.accumulate` or :func:`sam_optax.rules.skip_nonfinite`,
+    which update the rule on some calls only). No flag reads a device value, so
+    the host never waits for the previous step. ``check(opt_state)`` compares the
+    schedule with the state again (e.g. once per epoch); a reuse program run on a
+    step that should be full gives a NaN update (see :func:`looksam`).
+
+    Example::
+
+      >>> import jax, jax.numpy as jnp, optax, sam_optax
+      >>> loss_fn = lambda w, b: jnp.mean((b @ w - 1.0) ** 2)
+      >>> init, step = sam_optax.sharpness_aware_step(loss_fn, sam_optax.looksam(optax.sgd(0.1), k=3))
+      >>> programs = {f: jax.jit(lambda w, s, b, f=f: step(w, s, b, second_pass=f)) for f in (True, False)}
+      >>> w = jnp.zeros(2); state = init(w)
+      >>> schedule = sam_optax.looksam_schedule(3, state.opt_state)
+      >>> flags = []
+      >>> for _ in range(4):
+      ...     flags.append(next(schedule))
+      ...     w, state, out = programs[flags[-1]](w, state, jnp.ones((4, 2)))
+      >>> flags
+      [True, False, False, True]
+      >>> schedule.check(state.opt_state)
+
+    Args:
+      k: the rule's period, a Python integer ``>= 1`` (the ``k`` given to :func:`looksam`).
+      opt_state: the optimizer state holding the LookSAM state (e.g. ``state.opt_state``
+        of :func:`sam_optax.sharpness_aware_step`), at the step the schedule starts.
+
+    Returns:
+      A :class:`LookSAMSchedule` (an endless iterator of bools, with ``check``).
+
+    Raises:
+      ValueError: if ``k`` is not an integer ``>= 1``, if ``opt_state`` holds no (or more
+        than one) LookSAM state, or if its next full step disagrees with ``k``.
+    """
+    _utils.check_int("k", k, low=1)
+    count, _ = _looksam_counter(opt_state)
+    schedule = LookSAMSchedule(int(k), count)
+    schedule.check(opt_state)
+    return schedule
+
+
+def _looksam_counter(opt_state: Any) -> tuple[int, Any]:
+    """``(rule_count, looksam_full_step)`` of the only LookSAM rule state in ``opt_state``."""
+    is_look = lambda x: isinstance(x, SharpnessRuleState) and isinstance(x.extra, LookSAMState)  # noqa: E731
+    found = [x for x in jax.tree.leaves(opt_state, is_leaf=is_look) if is_look(x)]
+    if len(found) != 1:
+        raise ValueError(f"opt_state must hold exactly one LookSAM state, found {len(found)}.")
+    return int(found[0].rule_count), found[0].extra.looksam_full_step
