@@ -79,14 +79,35 @@ def gsam_direction(g: Any, g_pert: Any, alpha: Any, eps: Any) -> Any:
     r""":math:`\tilde g - \alpha\,(g - \langle g, v\rangle v)` with
     :math:`v = \tilde g / (\lVert\tilde g\rVert + \varepsilon)`.
 
-    Overflow-safe: ``v`` is a scaled unit direction and :math:`\langle g, v\rangle
-    = d \langle g / d, v\rangle` (``d`` a power of two near :math:`\max|g|`).
-    A zero :math:`\tilde g` gives :math:`v = 0` (no NaN, also with ``eps = 0``).
+    Computed as :math:`\tilde g - \alpha g + k\,\tilde g / d` with the scalar
+    :math:`k = \alpha \langle g, v\rangle / (\lVert\tilde g / d\rVert + \varepsilon / d)`:
+    one pass over both gradients for :math:`\sum \tilde g_i^2` and
+    :math:`\sum g_i \tilde g_i` (``d = 1``), one elementwise pass for the output.
+    When those sums overflow or underflow, the scalars come from the
+    overflow-safe scaled form instead (``d`` a power of two near
+    :math:`\max|\tilde g|`; under ``lax.cond``, scalar outputs only). A zero
+    :math:`\tilde g` gives :math:`v = 0` (no NaN, also with ``eps = 0``).
     """
-    v = _utils.tree_direction(g_pert, eps)
-    u, d = _utils.tree_scaled(g)
-    c = _utils.tree_vdot(u, v)
-    return jax.tree.map(lambda a, b, vi: b - alpha * (a - d * (c * vi)), g, g_pert, v)
+    s_pp = _utils.tree_vdot(g_pert, g_pert)
+    s_gp = _utils.tree_vdot(g, g_pert)
+    one = jnp.ones_like(s_pp)
+    ok = jnp.isfinite(s_pp) & jnp.isfinite(s_gp) & (s_pp >= jnp.sqrt(jnp.finfo(s_pp.dtype).tiny))
+
+    def plain():
+        den = _utils.safe_divisor(jnp.sqrt(s_pp) + eps)
+        return one, den, s_gp / den
+
+    def scaled():
+        u_p, d_p, n_p = _utils.tree_norm_parts(g_pert)
+        u_g, d_g = _utils.tree_scaled(g)
+        den = _utils.safe_divisor(n_p + eps / d_p)
+        t = d_g * (_utils.tree_vdot(u_g, u_p) / den)  # <g, v>, at most ||g||
+        return (one / d_p).astype(s_pp.dtype), den.astype(s_pp.dtype), t.astype(s_pp.dtype)
+
+    inv, den, t = jax.lax.cond(ok, plain, scaled)
+    k = alpha * t / den
+    return jax.tree.map(lambda a, b: _utils.to_compute(b) - alpha * _utils.to_compute(a)
+                        + k * (_utils.to_compute(b) * inv), g, g_pert)
 
 
 def gsam_rho_schedule(
