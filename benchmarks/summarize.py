@@ -1,9 +1,12 @@
-"""Markdown summary of the committed benchmark results, as it appears in the README.
+"""Markdown summary of a step-cost benchmark results JSON (CPU or GPU), as it appears in the README.
 
-    python benchmarks/summarize.py                 # print it
-    python benchmarks/summarize.py --write-readme  # replace the block between the README's markers
+    python benchmarks/summarize.py                                  # the CPU results, printed
+    python benchmarks/summarize.py --write-readme                   # replace the block between the README's markers
+    python benchmarks/summarize.py benchmarks/results/step_cost_gpu.json --out benchmarks/results/step_cost_gpu.md
 
-tests/test_readme.py checks that the README block equals this script's output.
+tests/test_readme.py checks that the README block equals this script's output for the committed
+CPU results. Results written before issue 12 (no per-model batch, no ``applies`` in the targets)
+keep their old table (``legacy_summary``), so the README block stays valid until the next run.
 """
 
 import argparse
@@ -13,58 +16,141 @@ import pathlib
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "step_cost_cpu.json"
 START, END = "<!-- step-cost:start -->", "<!-- step-cost:end -->"
-ROWS = ["sam", "wsam", "gsam", "asam", "esam", "looksam", "looksam_host", "sam_chunks", "sam_chunks_unroll",
+# The order of the rows; methods in a results file but not here come after them.
+ROWS = ["base", "sam", "wsam", "gsam", "asam", "esam", "esam_skip", "esam_swp", "esam_sds", "looksam", "looksam_host",
+        "looksam_reuse", "sam_chunks", "sam_chunks_b4", "sam_chunks_vmap", "sam_chunks_unroll",
         "contrib_opaque", "contrib_transparent"]
+LEGACY_ROWS = ["sam", "wsam", "gsam", "asam", "esam", "looksam", "looksam_host", "sam_chunks", "sam_chunks_unroll",
+               "contrib_opaque", "contrib_transparent"]
 
 
 def summary(path=RESULTS) -> str:
+    """The markdown block of one results file (the legacy table for results from before issue 12)."""
     res = json.loads(pathlib.Path(path).read_text())
+    if _is_legacy(res):
+        return legacy_summary(res, pathlib.Path(path).name)
+    models = list(res["models"])
+    rows = _rows(res)
+    out = [_header(res, pathlib.Path(path).name), ""]
+    out += _table(["step"] + [f"{x}: {c}" for x in models for c in ("x base", "x SAM", "x contrib")],
+                  [[row] + [c for x in models for c in _ratios(res["models"][x]["methods"].get(row))]
+                   for row in rows])
+    out += ["", "XLA's cost analysis and memory of the compiled steps (per step; LookSAM counts both branches of "
+                "its cond; peak: inputs + temporaries + outputs not aliased; device peak: the allocator's "
+                "high-water mark, `-` where the step did not raise it or on CPU), and compile times:", ""]
+    cols = ("FLOPs x SAM", "bytes x SAM", "peak x SAM", "device peak MB", "compile s")
+    out += _table(["step"] + [f"{x}: {c}" for x in models for c in cols],
+                  [[row] + [c for x in models for c in _costs(res["models"][x]["methods"], row)] for row in rows])
+    out += ["", "Targets (`-`: not measured; *report only*: the target does not apply to this model on this "
+                "backend):", ""]
+    keys = list(dict.fromkeys(k for x in models for k in res["models"][x]["targets"]))
+    body = []
+    for key in keys:
+        goal = next(res["models"][x]["targets"][key]["target"] for x in models if key in res["models"][x]["targets"])
+        body.append([f"{key} {goal}"] + [_verdict(res["models"][x]["targets"].get(key)) for x in models])
+    out += _table(["target"] + models, body)
+    return "\n".join(out)
+
+
+def _is_legacy(res) -> bool:
+    return not any("applies" in t for m in res["models"].values() for t in m["targets"].values())
+
+
+def _header(res, name) -> str:
+    m, s = res["machine"], res["settings"]
+    if m["backend"] == "cpu":
+        where = f"{m['cpu_count']} CPU cores ({m['platform']}, jax {m['jax']}), XLA threads: {s.get('threads', 'all')}"
+    else:
+        where = (f"{m['devices']} x {m['device']} ({m['backend']}, jax {m['jax']}; host: {m['cpu_count']} CPU cores, "
+                 f"{m['platform']})")
+    batches = ", ".join(f"{x} {r.get('batch_size', s.get('batch_size'))}" for x, r in res["models"].items())
+    conv = s.get("convnet")
+    conv = (f"; convnet widths {'-'.join(map(str, conv['widths']))}, {conv['blocks']} block(s) per stage, "
+            f"{res['models']['convnet']['param_count'] / 1e6:.2f}M params" if conv and "convnet" in res["models"]
+            else "")
+    rounds = ", ".join(f"{x} {r['rounds_done']}" for x, r in res["models"].items() if r.get("rounds_done") is not None)
+    incomplete = "" if res.get("complete", True) else " Incomplete run."
+    return (f"Measured with `sam-optax bench` on {where}; batch: {batches}{conv}; up to {s['rounds']} interleaved "
+            f"rounds of {s['steps_per_round']} steps (done: {rounds}), ratios as medians of the per-round ratios "
+            f"(`benchmarks/results/{name}`).{incomplete}")
+
+
+def _rows(res) -> list:
+    seen = list(dict.fromkeys(r for m in res["models"].values() for r in m["methods"]))
+    return [r for r in ROWS if r in seen] + [r for r in seen if r not in ROWS]
+
+
+def _table(head, body) -> list:
+    return ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)] + ["| " + " | ".join(r) + " |" for r in body]
+
+
+def _ratios(r) -> list:
+    if r is None:
+        return ["-"] * 3
+    return [f"{r['ratio_to_base']:.2f}", f"{r['ratio_to_sam']:.2f}", f"{r['ratio_to_contrib_opaque']:.2f}"]
+
+
+def _costs(t, row) -> list:
+    r = t.get(row)
+    if r is None:
+        return ["-"] * 5
+    sam = t["sam"]
+    dev = (r.get("device_memory") or {}).get("device_peak_bytes")
+    peak = r.get("peak_ratio_to_sam")
+    return [f"{r['flops'] / sam['flops']:.2f}" if sam["flops"] else "-",
+            f"{r['bytes_accessed'] / sam['bytes_accessed']:.2f}" if sam["bytes_accessed"] else "-",
+            "-" if peak is None else f"{peak:.2f}", "-" if dev is None else f"{dev / 1e6:.1f}",
+            f"{r['compile_s']:.1f}"]
+
+
+def _verdict(chk) -> str:
+    if chk is None or chk["value"] is None:
+        return "-"
+    if not chk.get("applies", True):
+        return f"{chk['value']:.3f} *report only*"
+    return f"{chk['value']:.3f} {'met' if chk['met'] else '**not met**'}"
+
+
+def legacy_summary(res, name="step_cost_cpu.json") -> str:
+    """The table of results written before issue 12 (the README block of the committed CPU results)."""
     m = res["machine"]
     models = list(res["models"])
     out = [f"Measured with `sam-optax bench` on {m['cpu_count']} CPU cores ({m['platform']}, jax {m['jax']}), "
            f"XLA threads: {res['settings'].get('threads', 'all')}, batch {res['settings']['batch_size']}, "
            f"{res['settings']['rounds']} interleaved rounds of {res['settings']['steps_per_round']} steps, ratios as "
            f"medians of the per-round ratios "
-           f"(`benchmarks/results/{pathlib.Path(path).name}`).", ""]
-    head = "| step | " + " | ".join(f"{x}: x base | {x}: x SAM | {x}: x contrib" for x in models) + " |"
-    out += [head, "|" + " --- |" * (1 + 3 * len(models))]
-    for row in ["base"] + ROWS:
-        cells = []
-        for name in models:
-            t = res["models"][name]["methods"]
-            r = t[row]
-            cells += [f"{r['ratio_to_base']:.2f}", f"{r['ratio_to_sam']:.2f}", f"{r['ratio_to_contrib_opaque']:.2f}"]
-        out.append(f"| {row} | " + " | ".join(cells) + " |")
-    out += ["", "XLA's cost analysis of the compiled steps (per step; LookSAM counts both branches of its cond):", "",
-            "| step | " + " | ".join(f"{x}: FLOPs x SAM | {x}: bytes x SAM" for x in models) + " |",
-            "|" + " --- |" * (1 + 2 * len(models))]
+           f"(`benchmarks/results/{name}`).", ""]
+    out += _table(["step"] + [f"{x}: {c}" for x in models for c in ("x base", "x SAM", "x contrib")],
+                  [[row] + [c for x in models for c in _ratios(res["models"][x]["methods"][row])]
+                   for row in ["base"] + LEGACY_ROWS])
+    out += ["", "XLA's cost analysis of the compiled steps (per step; LookSAM counts both branches of its cond):", ""]
+    body = []
     for row in ["base", "sam", "gsam", "esam", "sam_chunks", "sam_chunks_unroll", "contrib_opaque"]:
-        cells = []
-        for name in models:
-            t = res["models"][name]["methods"]
-            cells += [f"{t[row]['flops'] / t['sam']['flops']:.2f}",
-                      f"{t[row]['bytes_accessed'] / t['sam']['bytes_accessed']:.2f}"]
-        out.append(f"| {row} | " + " | ".join(cells) + " |")
-    out += ["", "| target | " + " | ".join(models) + " |", "|" + " --- |" * (1 + len(models))]
+        body.append([row] + [c for x in models for c in _costs(res["models"][x]["methods"], row)[:2]])
+    out += _table(["step"] + [f"{x}: {c}" for x in models for c in ("FLOPs x SAM", "bytes x SAM")], body)
     keys = list(res["models"][models[0]]["targets"])
-    for key in keys:
-        goal = res["models"][models[0]]["targets"][key]["target"]
-        cells = [f"{res['models'][x]['targets'][key]['value']:.3f} {'met' if res['models'][x]['targets'][key]['met'] else '**not met**'}"
-                 for x in models]
-        out.append(f"| {key} {goal} | " + " | ".join(cells) + " |")
+    body = [[f"{key} {res['models'][models[0]]['targets'][key]['target']}"]
+            + [_verdict(res["models"][x]["targets"][key]) for x in models] for key in keys]
+    out += [""] + _table(["target"] + models, body)
     return "\n".join(out)
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--write-readme", action="store_true")
-    args = parser.parse_args()
-    text = summary()
+    parser.add_argument("results", nargs="?", default=str(RESULTS), help="a results JSON (default: the CPU one)")
+    parser.add_argument("--out", help="write the table to this markdown file instead of printing it")
+    parser.add_argument("--write-readme", action="store_true", help="replace the README block (CPU results only)")
+    args = parser.parse_args(argv)
+    text = summary(args.results)
     if args.write_readme:
         readme = ROOT / "README.md"
         s = readme.read_text()
         i, j = s.index(START) + len(START), s.index(END)
         readme.write_text(s[:i] + "\n" + text + "\n" + s[j:])
+    elif args.out:
+        tmp = pathlib.Path(args.out + ".tmp")
+        tmp.write_text(text + "\n")
+        tmp.replace(args.out)  # never a half-written table
     else:
         print(text)
 
