@@ -54,7 +54,10 @@ from sam_optax.rules import (
     gsam_rho_schedule,
     looksam,
     looksam_full_step,
+    adaptive_policy,
     looksam_schedule,
+    periodic,
+    randomized,
     sam,
     sharpness_rule,
     wsam,
@@ -63,6 +66,16 @@ from sam_optax.one_object import SharpnessAwareTxState, sharpness_aware
 from sam_optax.train import SharpnessAwareState, plain_step, sharpness_aware_step
 from sam_optax.two_pass import SharpnessAwareGrads, sharpness_aware_grad
 from sam_optax import swp  # noqa: E402  (after two_pass and train: it builds on them)
+# One-pass perturbations: MSAM, ARWP at 1x cost.
+from sam_optax import one_pass  # noqa: E402
+from sam_optax.one_pass import (  # noqa: E402
+    msam_adamw,
+    msam_perturbed,
+    msam_sgd,
+    msam_unperturbed,
+    rwp_grad,
+    rwp_step,
+)
 
 __version__ = "0.1.0"
 
@@ -77,6 +90,14 @@ def __getattr__(name):
 
 __all__ = [
     "swp",
+    # One-pass perturbations: MSAM, ARWP at 1x cost.
+    "one_pass",
+    "msam_adamw",
+    "msam_perturbed",
+    "msam_sgd",
+    "msam_unperturbed",
+    "rwp_grad",
+    "rwp_step",
     "LookSAMState",
     "accumulate",
     "apply_to_both",
@@ -104,6 +125,9 @@ __all__ = [
     "looksam",
     "looksam_full_step",
     "looksam_schedule",
+    "adaptive_policy",
+    "periodic",
+    "randomized",
     "lookahead",
     "lookahead_slow_params",
     "recompute_batch_stats",

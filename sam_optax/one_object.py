@@ -9,6 +9,7 @@ import optax
 
 from sam_optax import _utils
 from sam_optax.geometry import AscentGeometry, l2
+from sam_optax.rules import scheduled_second_pass
 
 
 class SharpnessAwareTxState(NamedTuple):
@@ -40,8 +41,9 @@ def sharpness_aware(
 
     which equals the two-piece form (:func:`sam_optax.sharpness_aware_grad`
     then ``rule.update``) with one shard. ``grad_fn`` sees whatever batch it
-    closes over: any pytree. With LookSAM the second pass runs inside
-    ``lax.cond`` only on its full steps.
+    closes over: any pytree. With a second-pass schedule (LookSAM,
+    :func:`sam_optax.periodic`, :func:`sam_optax.randomized`) the second pass
+    runs inside ``lax.cond`` only on its SAM steps.
 
     Limits (use the two-piece form for these): one shard per call, so no
     m-sharpness chunks or devices, no data selection, no multi-step ascent; the
@@ -94,8 +96,9 @@ def sharpness_aware(
             raise ValueError("sharpness_aware needs params: update(grads, state, params, grad_fn=...).")
         eps, ascent_state = geometry.update(updates, state.ascent_state, params)
         perturbed = lambda _: _utils.cast_like(grad_fn(_utils.add_perturbation(params, eps)), updates)
-        full = optax.tree.get(state.rule_state, "looksam_full_step", None)
-        g_pert = perturbed(None) if full is None else jax.lax.cond(full, perturbed, lambda _: updates, None)
+        full = scheduled_second_pass(state.rule_state)
+        full = full(updates) if callable(full) and not hasattr(full, "shape") else full  # AE-SAM: from g
+        g_pert = perturbed(None) if full is True else jax.lax.cond(full, perturbed, lambda _: updates, None)
         new_updates, rule_state = rule.update(
             updates, state.rule_state, params, perturbed_grads=g_pert, clean_grads=updates, **extra_args
         )

@@ -10,7 +10,7 @@ import optax
 from sam_optax import distributed
 from sam_optax.data._axis import DataAxis
 from sam_optax.geometry import AscentGeometry, l2
-from sam_optax.rules import check_placement
+from sam_optax.rules import check_placement, scheduled_second_pass
 from sam_optax.two_pass import SharpnessAwareGrads, sharpness_aware_grad
 
 
@@ -42,9 +42,11 @@ def sharpness_aware_step(
     :func:`sharpness_aware_grad` (with ``geometry``, ``data`` and the keyword
     arguments), ``tx.update(out.grads, ..., perturbed_grads=..., clean_grads=...)``
     and ``optax.apply_updates``; ``out`` is the :class:`SharpnessAwareGrads`
-    (loss, clean-pass aux, ...). If the optimizer state holds a LookSAM state,
-    the second pass is skipped on its reuse steps (chosen at run time by
-    ``lax.cond``: ``second_pass="auto"``, the default). ``step(...,
+    (loss, clean-pass aux, ...). If the optimizer state holds a second-pass
+    schedule (LookSAM, :func:`sam_optax.periodic`, :func:`sam_optax.randomized`,
+    :func:`sam_optax.adaptive_policy`), the second pass is skipped on its
+    one-pass steps (chosen at run time by ``lax.cond``: ``second_pass="auto"``,
+    the default). ``step(...,
     second_pass=True / False)`` overrides that with a
     literal flag, so two programs can be jitted and one picked on the host each
     step (with LookSAM: ``next(schedule)`` of :func:`sam_optax.looksam_schedule`, which
@@ -95,13 +97,16 @@ def sharpness_aware_step(
 
 
 def resolve_second_pass(second_pass: Any, opt_state: Any) -> Any:
-    """``"auto"``: LookSAM's choice read from ``opt_state`` (a traced bool), else
-    ``True``; ``True`` / ``False`` / a boolean array as they are."""
+    """``"auto"``: the choice of the one second-pass schedule in ``opt_state``
+    (LookSAM, :func:`sam_optax.periodic`, :func:`sam_optax.randomized`: a traced
+    bool; :func:`sam_optax.adaptive_policy`: a ``clean_grads -> bool`` callable),
+    else ``True`` (``ValueError`` for two schedules, see
+    :func:`sam_optax.rules.scheduled_second_pass`); ``True`` / ``False`` / a
+    boolean array as they are."""
     if second_pass is None or isinstance(second_pass, str):
         if second_pass != "auto":
             raise ValueError(f"second_pass must be 'auto', True, False or a boolean array, got {second_pass!r}.")
-        full = optax.tree.get(opt_state, "looksam_full_step", None)
-        return True if full is None else full
+        return scheduled_second_pass(opt_state)
     return second_pass
 
 

@@ -157,8 +157,9 @@ def _shard_body(fn: Callable[..., Any], geometry: AscentGeometry, data: DataAxis
             ploss, gp = perturbed(None)
         elif isinstance(flag, _Never):
             ploss, gp = loss, g
-        else:  # LookSAM-style reuse steps skip the second pass at run time
-            ploss, gp = jax.lax.cond(flag, perturbed, lambda _: (loss, g), None)
+        else:  # LookSAM-style reuse steps skip the second pass at run time (AE-SAM: decided from g)
+            pred = flag(g) if isinstance(flag, jax.tree_util.Partial) else flag
+            ploss, gp = jax.lax.cond(pred, perturbed, lambda _: (loss, g), None)
         return _ShardResult(loss, aux, g, gp, ploss), new_state
 
     return body
@@ -199,12 +200,21 @@ def _check_args(geometry: Any, data: Any, ascent_steps: int, ascent_step_size: A
     return geometry, data
 
 
-def second_pass_flag(second_pass: Any) -> Any:
-    """The static marker (literal bool) or the traced bool for ``second_pass``."""
+def second_pass_flag(second_pass: Any, data: Optional[DataAxis] = None) -> Any:
+    """The static marker (literal bool), the traced bool, or the decision
+    ``clean_grads -> bool`` (a ``jax.tree_util.Partial``) for ``second_pass``."""
     if isinstance(second_pass, bool):
         return _Always() if second_pass else _Never()
     if second_pass is None or isinstance(second_pass, str):
         raise ValueError(f"second_pass must be True, False or a boolean array, got {second_pass!r}.")
+    if callable(second_pass) and not hasattr(second_pass, "shape"):
+        if data is not None and (data.m is not None or data.axis_name or data.mesh is not None):
+            raise ValueError(
+                "second_pass as a callable of the clean gradient (AE-SAM's adaptive_policy) needs one "
+                "shard per device and no mesh / axis_name for now (each shard would decide alone): "
+                "use data=shards() without m, axis_name or mesh."
+            )
+        return second_pass if isinstance(second_pass, jax.tree_util.Partial) else jax.tree_util.Partial(second_pass)
     return jnp.asarray(second_pass, bool)
 
 
@@ -269,7 +279,10 @@ def sharpness_aware_grad(
       it may be left ``None`` when the geometry has no state (a constant
       ``rho``). ``second_pass`` is ``True`` (always the second pass), ``False``
       (never: one gradient pass, ``perturbed_grads = grads``; both compile no
-      conditional) or a boolean array, e.g. ``sam_optax.looksam_full_step(opt_state)``:
+      conditional), a boolean array, e.g. ``sam_optax.looksam_full_step(opt_state)``,
+      or a callable ``clean_grads -> bool`` evaluated after the clean pass (AE-SAM;
+      one shard per device, no mesh or axis_name; a ``jax.tree_util.Partial`` to
+      carry arrays, else closing over no traced value):
       the second pass then runs inside ``lax.cond`` only where it is true (on
       XLA:CPU convolutions inside a ``lax.cond`` run on a slow path,
       jax-ml/jax#12868: there, jit the two literal programs and pick one on
@@ -316,7 +329,7 @@ def sharpness_aware_grad(
         return SharpnessAwareGrads(res.loss, res.aux, res.grads, res.perturbed_grads, res.perturbed_loss, new_state)
 
     def sa_grad(params, batch, *args, ascent_state=None, second_pass=True):
-        return jitted(params, batch, *args, ascent_state=ascent_state, flag=second_pass_flag(second_pass))
+        return jitted(params, batch, *args, ascent_state=ascent_state, flag=second_pass_flag(second_pass, data))
 
     sa_grad.__doc__ = sharpness_aware_grad.__doc__
     return sa_grad

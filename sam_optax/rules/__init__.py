@@ -43,6 +43,15 @@ from sam_optax.rules._base import (
 from sam_optax.rules._gsam import gsam, gsam_rho_schedule
 from sam_optax.rules._looksam import LookSAMSchedule, LookSAMState, looksam, looksam_full_step, looksam_schedule
 from sam_optax.rules._sam import sam
+from sam_optax.rules._adaptive import AdaptivePolicyState, adaptive_policy
+from sam_optax.rules._schedules import (
+    PeriodicState,
+    RandomizedState,
+    periodic,
+    periodic_schedule,
+    randomized,
+    scheduled_second_pass,
+)
 from sam_optax.rules._wrappers import (
     AccumulateState,
     ApplyToBothState,
@@ -71,6 +80,14 @@ __all__ = [
     "looksam_full_step",
     "looksam_schedule",
     "LookSAMSchedule",
+    "AdaptivePolicyState",
+    "adaptive_policy",
+    "PeriodicState",
+    "RandomizedState",
+    "periodic",
+    "periodic_schedule",
+    "randomized",
+    "scheduled_second_pass",
     "sam",
     "sharpness_rule",
     "skip_nonfinite",
