@@ -712,8 +712,9 @@ def main(argv=None) -> int:
 def launch(argv) -> int:
     """Starts ``python -m sam_optax.benchmarking`` with the XLA flags of ``--threads``.
 
-    Ctrl-C here is passed on to the benchmark process (which saves what finished
-    and exits with 130); this process waits for it and returns its status.
+    Ctrl-C (and SIGTERM, e.g. from ``timeout``) here is passed on to the
+    benchmark process as SIGINT (it saves what finished, removes its lock and
+    exits with 130); this process waits for it and returns its status.
     """
     _, args = _parse(argv)
     env = dict(os.environ)
@@ -733,6 +734,7 @@ def launch(argv) -> int:
                 proc.send_signal(signal.SIGINT)
 
         signal.signal(signal.SIGINT, forward)
+        previous_term = signal.signal(signal.SIGTERM, forward)
         while True:
             try:
                 rc = proc.wait(timeout=0.5)
@@ -743,6 +745,8 @@ def launch(argv) -> int:
                         proc.send_signal(signal.SIGINT)
     finally:
         signal.signal(signal.SIGINT, previous)
+        if "previous_term" in locals():
+            signal.signal(signal.SIGTERM, previous_term)
     return rc if rc >= 0 else 128 - rc
 
 

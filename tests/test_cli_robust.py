@@ -159,8 +159,8 @@ def test_bench_checks_its_output_path_before_running(bad, tmp_path):
 # --------------------------------------------------------------------------------------------
 
 
-def _interrupt_after(cmd, ready, timeout=60):
-    """Starts ``cmd``, sends SIGINT once a stdout line satisfies ``ready``; (returncode, stdout, stderr)."""
+def _interrupt_after(cmd, ready, timeout=60, signum=signal.SIGINT):
+    """Starts ``cmd``, sends ``signum`` once a stdout line satisfies ``ready``; (returncode, stdout, stderr)."""
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
     try:
         seen = []
@@ -170,7 +170,7 @@ def _interrupt_after(cmd, ready, timeout=60):
                 break
         else:
             pytest.fail(f"no progress line before exit: {''.join(seen)}{p.stderr.read()}")
-        p.send_signal(signal.SIGINT)
+        p.send_signal(signum)
         out, err = p.communicate(timeout=timeout)
     finally:
         if p.poll() is None:
@@ -201,9 +201,12 @@ def test_ctrl_c_in_compare_saves_the_methods_that_finished(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["accuracy.png", "results.json"]  # no temporary file, no lock
 
 
-def test_ctrl_c_in_bench_stops_cleanly(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_in_bench_stops_cleanly(tmp_path, signum):
+    """SIGTERM (``timeout``, ``kill``) to ``sam-optax bench`` is Ctrl-C too: it used to kill the
+    launcher only, leaving the benchmark process running and, when killed, its lock file."""
     rc, out, err = _interrupt_after(_cli("bench", "--out", str(tmp_path), *TINY_BENCH),
-                                    lambda line: "compiled base" in line)
+                                    lambda line: "compiled base" in line, signum=signum)
     assert rc == 130, err
     assert "nothing saved" in _assert_one_clean_line(err)
     assert os.listdir(tmp_path) == []
