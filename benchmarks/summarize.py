@@ -5,8 +5,7 @@
     python benchmarks/summarize.py benchmarks/results/step_cost_gpu.json --out benchmarks/results/step_cost_gpu.md
 
 tests/test_readme.py checks that the README block equals this script's output for the committed
-CPU results. Results written before issue 12 (no per-model batch, no ``applies`` in the targets)
-keep their old table (``legacy_summary``), so the README block stays valid until the next run.
+CPU results.
 """
 
 import argparse
@@ -20,15 +19,11 @@ START, END = "<!-- step-cost:start -->", "<!-- step-cost:end -->"
 ROWS = ["base", "sam", "wsam", "gsam", "asam", "esam", "esam_skip", "esam_swp", "esam_sds", "looksam", "looksam_host",
         "looksam_reuse", "sam_chunks", "sam_chunks_b4", "sam_chunks_vmap", "sam_chunks_unroll",
         "contrib_opaque", "contrib_transparent"]
-LEGACY_ROWS = ["sam", "wsam", "gsam", "asam", "esam", "looksam", "looksam_host", "sam_chunks", "sam_chunks_unroll",
-               "contrib_opaque", "contrib_transparent"]
 
 
 def summary(path=RESULTS) -> str:
-    """The markdown block of one results file (the legacy table for results from before issue 12)."""
+    """The markdown block of one results file."""
     res = json.loads(pathlib.Path(path).read_text())
-    if _is_legacy(res):
-        return legacy_summary(res, pathlib.Path(path).name)
     models = list(res["models"])
     rows = _rows(res)
     out = [_header(res, pathlib.Path(path).name), ""]
@@ -50,10 +45,6 @@ def summary(path=RESULTS) -> str:
         body.append([f"{key} {goal}"] + [_verdict(res["models"][x]["targets"].get(key)) for x in models])
     out += _table(["target"] + models, body)
     return "\n".join(out)
-
-
-def _is_legacy(res) -> bool:
-    return not any("applies" in t for m in res["models"].values() for t in m["targets"].values())
 
 
 def _header(res, name) -> str:
@@ -109,30 +100,6 @@ def _verdict(chk) -> str:
     if not chk.get("applies", True):
         return f"{chk['value']:.3f} *report only*"
     return f"{chk['value']:.3f} {'met' if chk['met'] else '**not met**'}"
-
-
-def legacy_summary(res, name="step_cost_cpu.json") -> str:
-    """The table of results written before issue 12 (the README block of the committed CPU results)."""
-    m = res["machine"]
-    models = list(res["models"])
-    out = [f"Measured with `sam-optax bench` on {m['cpu_count']} CPU cores ({m['platform']}, jax {m['jax']}), "
-           f"XLA threads: {res['settings'].get('threads', 'all')}, batch {res['settings']['batch_size']}, "
-           f"{res['settings']['rounds']} interleaved rounds of {res['settings']['steps_per_round']} steps, ratios as "
-           f"medians of the per-round ratios "
-           f"(`benchmarks/results/{name}`).", ""]
-    out += _table(["step"] + [f"{x}: {c}" for x in models for c in ("x base", "x SAM", "x contrib")],
-                  [[row] + [c for x in models for c in _ratios(res["models"][x]["methods"][row])]
-                   for row in ["base"] + LEGACY_ROWS])
-    out += ["", "XLA's cost analysis of the compiled steps (per step; LookSAM counts both branches of its cond):", ""]
-    body = []
-    for row in ["base", "sam", "gsam", "esam", "sam_chunks", "sam_chunks_unroll", "contrib_opaque"]:
-        body.append([row] + [c for x in models for c in _costs(res["models"][x]["methods"], row)[:2]])
-    out += _table(["step"] + [f"{x}: {c}" for x in models for c in ("FLOPs x SAM", "bytes x SAM")], body)
-    keys = list(res["models"][models[0]]["targets"])
-    body = [[f"{key} {res['models'][models[0]]['targets'][key]['target']}"]
-            + [_verdict(res["models"][x]["targets"][key]) for x in models] for key in keys]
-    out += [""] + _table(["target"] + models, body)
-    return "\n".join(out)
 
 
 def main(argv=None):

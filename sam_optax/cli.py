@@ -230,10 +230,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=toy, subparser=t)
 
     b = sub.add_parser("bench", help="time a training step of every method (ratios to the base step)",
-                       description="The step-cost benchmark: median step time of every method on a small MLP and "
-                                   "CNN, as ratios to the base optimizer and to optax.contrib.sam; compile times "
-                                   "and peak memory. Saves a JSON under --out. Options: --batch-size, --rounds, "
-                                   "--steps-per-round, --models, --threads {one,all}, --out, --tag "
+                       description="The step-cost benchmark: median step time of every method on a small MLP, a 1-D "
+                                   "CNN and a 2-D ResNet-style convnet, as ratios to the base optimizer and to "
+                                   "optax.contrib.sam; compile times and peak memory. Saves a JSON under --out. "
+                                   "Options: --batch-size, --rounds, --steps-per-round, --models, --threads {one,all}, "
+                                   "--out, --tag, --max-seconds, --convnet-widths, --convnet-blocks "
                                    "(see python -m sam_optax.benchmarking --help).", add_help=False)
     b.set_defaults(func=None)
     return parser

@@ -176,13 +176,6 @@ def test_summary_of_new_results_names_the_machine_and_the_targets(tmp_path, back
     assert (tmp_path / "t.md").read_text() == text + "\n"
 
 
-def test_summary_keeps_the_legacy_table_for_old_results():
-    mod = _summarize_module()
-    text = mod.summary()  # the committed CPU results, from before issue 12
-    assert "| sam_chunks_unroll <= 1.1 x sam | 1.501 **not met** | 1.205 **not met** |" in text
-    assert "batch 128, 30 interleaved rounds of 20 steps" in text
-
-
 def test_accelerator_script_is_valid_bash_with_every_stage_timed():
     script = (ROOT / "benchmarks" / "accelerator.sh").read_text()
     assert subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "accelerator.sh")]).returncode == 0
