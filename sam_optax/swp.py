@@ -36,12 +36,10 @@ import jax.numpy as jnp
 import optax
 from jax.extend.core import Literal
 
-from sam_optax import distributed
 from sam_optax.data._axis import DataAxis
 from sam_optax.geometry import AscentGeometry
 from sam_optax.geometry._stochastic import keep_bits, swp_config
-from sam_optax.rules import check_placement
-from sam_optax.train import SharpnessAwareState, resolve_second_pass
+from sam_optax.train import SharpnessAwareState, step_pair
 from sam_optax.two_pass import SharpnessAwareGrads, sharpness_aware_grad
 
 __all__ = ["skip_weight_grads", "swp_step", "default_skipped_primitives"]
@@ -305,22 +303,8 @@ def swp_step(
     sa_grad = sharpness_aware_grad(loss_fn, geometry, data, has_aux=has_aux,
                                    _clean_pass=clean_pass if prims else None)
 
-    def init(params):
-        opt_state = tx.init(params)
-        check_placement(opt_state)
-        state = SharpnessAwareState(opt_state=opt_state, ascent_state=geometry.init(params))
-        if data is not None and data.mesh is not None:  # where the step leaves it: one compilation
-            state = distributed.place(state, data.mesh, like=params)
-        return state
-
-    def step(params, state, batch, *args, second_pass="auto"):
-        second_pass = resolve_second_pass(second_pass, state.opt_state)
-        out = sa_grad(params, batch, *args, ascent_state=state.ascent_state, second_pass=second_pass)
+    def check(tx, out, opt_state, params):
         if prims:
-            _check_rule(tx, out.grads, state.opt_state, params, out.perturbed_grads)
-        updates, opt_state = tx.update(
-            out.grads, state.opt_state, params, perturbed_grads=out.perturbed_grads, clean_grads=out.grads
-        )
-        return optax.apply_updates(params, updates), SharpnessAwareState(opt_state, out.ascent_state), out
+            _check_rule(tx, out.grads, opt_state, params, out.perturbed_grads)
 
-    return init, step
+    return step_pair(sa_grad, tx, geometry, data, before_update=check)

@@ -74,6 +74,21 @@ def sharpness_aware_step(
         loss_fn, geometry, data, has_aux=has_aux, ascent_steps=ascent_steps, ascent_step_size=ascent_step_size
     )
 
+    return step_pair(sa_grad, tx, geometry, data)
+
+
+def step_pair(
+    sa_grad: Callable[..., SharpnessAwareGrads],
+    tx: optax.GradientTransformation,
+    geometry: AscentGeometry,
+    data: Optional[DataAxis],
+    before_update: Optional[Callable[..., None]] = None,
+) -> tuple[Callable[[Any], SharpnessAwareState], Callable[..., tuple[Any, SharpnessAwareState, SharpnessAwareGrads]]]:
+    """The ``(init, step)`` of :func:`sharpness_aware_step` around a two-pass
+    function ``sa_grad`` (also used by :func:`sam_optax.swp.swp_step`);
+    ``before_update(tx, out, opt_state, params)`` runs at trace time before the
+    rule's update (a check)."""
+
     def init(params):
         opt_state = tx.init(params)
         check_placement(opt_state)
@@ -85,6 +100,8 @@ def sharpness_aware_step(
     def step(params, state, batch, *args, second_pass="auto"):
         second_pass = resolve_second_pass(second_pass, state.opt_state)
         out = sa_grad(params, batch, *args, ascent_state=state.ascent_state, second_pass=second_pass)
+        if before_update is not None:
+            before_update(tx, out, state.opt_state, params)
         # no second pass: hand the rule the clean gradient itself (LookSAM then compiles its
         # one-pass reuse update, see sam_optax.rules.same_arrays)
         perturbed = out.grads if second_pass is False else out.perturbed_grads
