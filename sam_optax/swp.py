@@ -303,8 +303,15 @@ def swp_step(
     sa_grad = sharpness_aware_grad(loss_fn, geometry, data, has_aux=has_aux,
                                    _clean_pass=clean_pass if prims else None)
 
-    def check(tx, out, opt_state, params):
-        if prims:
-            _check_rule(tx, out.grads, opt_state, params, out.perturbed_grads)
+    def check(tx, out, opt_state, params, second_pass):
+        if not prims:
+            return
+        _check_rule(tx, out.grads, opt_state, params, out.perturbed_grads)
+        if second_pass is not True:  # a skipped second pass would hand the rule the masked clean gradient
+            raise ValueError(
+                "swp_step skips clean-pass weight gradients, so every step needs its second pass: "
+                f"second_pass must be True (got {second_pass!r}; a LookSAM or scheduler state in the "
+                "optimizer gives a traced flag); use skip=False with schedulers."
+            )
 
     return step_pair(sa_grad, tx, geometry, data, before_update=check)

@@ -86,8 +86,8 @@ def step_pair(
 ) -> tuple[Callable[[Any], SharpnessAwareState], Callable[..., tuple[Any, SharpnessAwareState, SharpnessAwareGrads]]]:
     """The ``(init, step)`` of :func:`sharpness_aware_step` around a two-pass
     function ``sa_grad`` (also used by :func:`sam_optax.swp.swp_step`);
-    ``before_update(tx, out, opt_state, params)`` runs at trace time before the
-    rule's update (a check)."""
+    ``before_update(tx, out, opt_state, params, second_pass)`` runs at trace
+    time before the rule's update (a check; ``second_pass`` as resolved)."""
 
     def init(params):
         opt_state = tx.init(params)
@@ -101,7 +101,7 @@ def step_pair(
         second_pass = resolve_second_pass(second_pass, state.opt_state)
         out = sa_grad(params, batch, *args, ascent_state=state.ascent_state, second_pass=second_pass)
         if before_update is not None:
-            before_update(tx, out, state.opt_state, params)
+            before_update(tx, out, state.opt_state, params, second_pass)
         # no second pass: hand the rule the clean gradient itself (LookSAM then compiles its
         # one-pass reuse update, see sam_optax.rules.same_arrays)
         perturbed = out.grads if second_pass is False else out.perturbed_grads

@@ -149,3 +149,16 @@ def test_bad_geometry_and_skip_rejected():
         swp.skip_weight_grads(_per_example, {}, ("add",))
     assert swp.default_skipped_primitives("cpu") == ("dot_general",)
     assert "conv_general_dilated" in swp.default_skipped_primitives("gpu")
+
+
+def test_skipping_needs_every_second_pass():
+    """With skipped clean-pass gradients, a step without its second pass would update SAM with
+    the masked clean gradient (silently wrong): a literal False and a scheduler's flag raise."""
+    params, batch = _mlp_params(jax.random.PRNGKey(0)), _batch()
+    init, step = swp.swp_step(_per_example, sam_optax.sam(optax.sgd(0.1)), _geo(), skip=True)
+    with pytest.raises(ValueError, match="second_pass must be True"):
+        jax.jit(lambda p, s, b: step(p, s, b, second_pass=False))(params, init(params), batch)
+    # a scheduler around sam: its skipped steps read the clean gradient, rejected as such
+    init, step = swp.swp_step(_per_example, sam_optax.periodic(sam_optax.sam(optax.sgd(0.1)), 2), _geo(), skip=True)
+    with pytest.raises(ValueError, match="reads the clean gradient"):
+        jax.jit(step)(params, init(params), batch)
