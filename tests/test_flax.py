@@ -324,3 +324,52 @@ def test_linen_step_forwards_every_two_pass_option_esam_sds():
     want, _, _ = pure_step(params, init(params), batch)
     for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(want)):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def _counting(loss, calls):
+    def counted(*args):
+        jax.debug.callback(lambda: calls.append(1))
+        return loss(*args)
+
+    return counted
+
+
+def test_linen_and_nnx_steps_skip_the_second_pass_of_a_scheduler():
+    """periodic(sam, every=2): steps 1 and 3 run one pass and are base steps, 2 and 4 are SAM
+    steps; "auto" equals literal flags step by step, NNX equals Linen, and passes are counted."""
+    tx = lambda: sam_optax.periodic(sam_optax.sam(optax.sgd(LR, momentum=0.9)), every=2)
+    data = [make_data(40 + i) for i in range(4)]
+    flags = [False, True, False, True]
+    calls = []
+    auto = linen_state(tx(), geometry.l2(RHO), dropout=0.0)
+    model = nnx_from_linen(auto)
+    optimizer = SharpnessAwareOptimizer(model, tx(), geometry.l2(RHO))
+    literal = linen_state(sam_optax.sam(optax.sgd(LR, momentum=0.9)), geometry.l2(RHO), dropout=0.0)
+    lstep, nstep = linen_train_step(_counting(linen_loss, calls)), nnx_train_step(_counting(nnx_loss, calls))
+    ref_step = linen_train_step(linen_loss)
+    for batch, flag in zip(data, flags):
+        before = len(calls)
+        auto, metrics = lstep(auto, batch)
+        jax.effects_barrier()
+        assert len(calls) - before == 1 + flag
+        assert (float(metrics["sharpness"]) == 0.0) == (not flag)
+        before = len(calls)
+        nstep(model, optimizer, batch)
+        jax.effects_barrier()
+        assert len(calls) - before == 1 + flag
+        literal, _ = ref_step(literal, batch, second_pass=flag)
+        assert_trees_close(auto.params, literal.params, rtol=1e-6, atol=1e-7)
+    p = auto.params
+    np.testing.assert_allclose(model.l1.kernel[...], p["Dense_0"]["kernel"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(model.bn.mean[...], auto.batch_stats["BatchNorm_0"]["mean"], rtol=1e-5, atol=1e-6)
+    # the base steps really were base steps: SAM on every step ends elsewhere
+    always = linen_state(sam_optax.sam(optax.sgd(LR, momentum=0.9)), geometry.l2(RHO), dropout=0.0)
+    for batch in data:
+        always, _ = ref_step(always, batch)
+    assert tree_norm(tmap(jnp.subtract, always.params, auto.params)) > 1e-4
+    # a boolean array decides at run time, in one more program
+    arr_state, _ = ref_step(linen_state(sam_optax.sam(optax.sgd(LR, momentum=0.9)), geometry.l2(RHO), dropout=0.0),
+                            data[0], second_pass=jnp.asarray(False))
+    first, _ = ref_step(linen_state(sam_optax.sam(optax.sgd(LR, momentum=0.9)), geometry.l2(RHO), dropout=0.0),
+                        data[0], second_pass=False)
+    assert_trees_close(arr_state.params, first.params, rtol=1e-6, atol=1e-7)

@@ -68,3 +68,28 @@ def placing(jitted: Callable[..., Any], mesh: Any, params_of: Callable[[Any], An
             setattr(run, name, getattr(jitted, name))
     run.__doc__, run.__wrapped__ = jitted.__doc__, jitted
     return run
+
+
+def jit_with_flag(step: Callable[..., Any], jit: Callable[..., Any] = jax.jit, **jit_kwargs: Any) -> Callable[..., Any]:
+    """``step(..., second_pass=...)`` jitted (by ``jit``: ``jax.jit`` or ``nnx.jit``):
+    ``"auto"``, ``True`` and ``False`` are static (each compiles once; a literal
+    ``False`` compiles the one-pass program), a boolean array is traced (one
+    program with the ``lax.cond``)."""
+    static = jit(step, static_argnames=("second_pass",), **jit_kwargs)
+    traced = jit(step, **jit_kwargs)
+
+    used: dict = {}  # the jitted functions called (jax shares one cache size between two jits of a function)
+
+    def run(*args: Any, second_pass: Any = "auto", **kwargs: Any) -> Any:
+        literal = isinstance(second_pass, (bool, str)) or second_pass is None
+        jitted = static if literal else traced
+        used[literal] = jitted
+        return jitted(*args, second_pass=second_pass, **kwargs)
+
+    if hasattr(static, "_cache_size"):
+        run._cache_size = lambda: sum(f._cache_size() for f in used.values())  # type: ignore[attr-defined]
+    for name in ("lower", "trace", "eval_shape"):
+        if hasattr(static, name):
+            setattr(run, name, getattr(static, name))
+    run.__doc__, run.__wrapped__ = step.__doc__, step  # type: ignore[attr-defined]
+    return run

@@ -13,6 +13,7 @@ from flax.training import train_state
 from sam_optax.flax import _common
 from sam_optax.geometry import AscentGeometry
 from sam_optax.rules import check_placement
+from sam_optax.train import resolve_second_pass
 from sam_optax.two_pass import sharpness_aware_grad
 
 
@@ -104,7 +105,7 @@ def linen_train_step(
     donate: bool = False,
     **sa_kwargs: Any,
 ) -> Callable[..., Any]:
-    r"""Builds ``step(state, batch, rng=None) -> (state, metrics)`` for a Linen model.
+    r"""Builds ``step(state, batch, rng=None, second_pass="auto") -> (state, metrics)`` for a Linen model.
 
     One step is :func:`sam_optax.sharpness_aware_grad` (with the geometry of
     ``state``) followed by :meth:`TrainState.apply_gradients`:
@@ -131,6 +132,14 @@ def linen_train_step(
     SAM paper's m-sharpness experiments) and the stored running statistics are
     the mean over shards of the per-shard updates.
 
+    **Second-pass schedules.** ``second_pass="auto"`` reads the schedule in
+    ``state.opt_state`` (:func:`sam_optax.periodic`, :func:`sam_optax.randomized`,
+    :func:`sam_optax.adaptive_policy`, LookSAM), so a base step runs one
+    gradient pass, as :func:`sam_optax.sharpness_aware_step` does; ``True`` /
+    ``False`` force the program (each literal compiles once) and a boolean
+    array decides at run time. On a one-pass step ``perturbed_loss`` is the
+    clean loss and ``sharpness`` is 0.
+
     **Dropout.** Both passes of a shard use the *same* random key, hence the same
     dropout mask: the perturbation is the ascent direction of the very loss
     (mask included) whose gradient is then taken at :math:`w + \epsilon`, as in
@@ -154,7 +163,7 @@ def linen_train_step(
         ``ascent_step_size``).
 
     Returns:
-      ``step(state, batch, rng=None) -> (state, metrics)`` where ``metrics`` has
+      ``step(state, batch, rng=None, second_pass="auto") -> (state, metrics)`` where ``metrics`` has
       ``loss``, ``perturbed_loss``, ``sharpness`` (their difference) and the
       ``loss_fn`` metrics.
     """
@@ -190,23 +199,25 @@ def linen_train_step(
 
     get_sa_grad = _common.cached(build)
 
-    def step(state: TrainState, batch: Any, rng: Optional[jax.Array] = None):
+    def step(state: TrainState, batch: Any, rng: Optional[jax.Array] = None, second_pass: Any = "auto"):
         if state.geometry is None:
             raise ValueError("state.geometry is None: make the state with TrainState.create(..., geometry=...).")
         sa_grad = get_sa_grad(state.apply_fn, state.geometry)
         index = _common.example_index(batch, sa_kwargs.get("data"))
-        out = sa_grad(state.params, (batch, index), state.batch_stats, rng, ascent_state=state.ascent_state)
+        second_pass = resolve_second_pass(second_pass, state.opt_state)
+        out = sa_grad(state.params, (batch, index), state.batch_stats, rng, ascent_state=state.ascent_state,
+                      second_pass=second_pass)
         new_stats, metrics = out.aux
         state = state.apply_gradients(
-            grads=out.grads, perturbed_grads=out.perturbed_grads, batch_stats=new_stats,
-            ascent_state=out.ascent_state,
+            grads=out.grads, perturbed_grads=out.grads if second_pass is False else out.perturbed_grads,
+            batch_stats=new_stats, ascent_state=out.ascent_state,
         )
         metrics = dict(metrics, loss=out.loss, perturbed_loss=out.perturbed_loss,
                        sharpness=out.perturbed_loss - out.loss)
         return state, metrics
 
     if jit:
-        jitted = jax.jit(step, donate_argnums=(0,) if donate else ())
+        jitted = _common.jit_with_flag(step, donate_argnums=(0,) if donate else ())
         mesh = getattr(sa_kwargs.get("data"), "mesh", None)
         return jitted if mesh is None else _common.placing(jitted, mesh, lambda state: state.params)
     return step

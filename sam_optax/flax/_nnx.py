@@ -12,6 +12,7 @@ from flax.nnx.training.optimizer import to_opt_state
 from sam_optax.flax import _common
 from sam_optax.geometry import AscentGeometry
 from sam_optax.rules import check_placement
+from sam_optax.train import resolve_second_pass
 from sam_optax.two_pass import SharpnessAwareGrads, sharpness_aware_grad
 
 
@@ -55,7 +56,8 @@ def nnx_sharpness_aware_grad(
         ``ascent_step_size``).
 
     Returns:
-      ``f(model, batch, *args, ascent_state=None) -> SharpnessAwareGrads`` whose
+      ``f(model, batch, *args, ascent_state=None, second_pass=True) -> SharpnessAwareGrads``
+      (``second_pass`` as in :func:`sam_optax.sharpness_aware_grad`) whose
       ``grads`` and ``perturbed_grads`` are ``nnx.State`` of the ``wrt``
       variables (as ``nnx.grad`` returns) and whose ``aux`` is
       ``(new_state, loss_aux)``: the clean pass's non-``wrt`` state and the aux
@@ -77,10 +79,11 @@ def nnx_sharpness_aware_grad(
 
     get_sa_grad = _common.cached(build)
 
-    def f(model, batch, *args, ascent_state=None):
+    def f(model, batch, *args, ascent_state=None, second_pass=True):
         graphdef, params, keys, rest = nnx.split(model, wrt, nnx.RngKey, ...)
         index = _common.example_index(batch, sa_kwargs.get("data"))
-        return get_sa_grad(graphdef)(params, (batch, index), keys, rest, *args, ascent_state=ascent_state)
+        return get_sa_grad(graphdef)(params, (batch, index), keys, rest, *args, ascent_state=ascent_state,
+                                     second_pass=second_pass)
 
     return f
 
@@ -139,7 +142,7 @@ def nnx_train_step(
     jit: bool = True,
     **sa_kwargs: Any,
 ) -> Callable[..., Any]:
-    r"""Builds ``step(model, optimizer, batch, *args) -> metrics`` for an NNX model.
+    r"""Builds ``step(model, optimizer, batch, *args, second_pass="auto") -> metrics`` for an NNX model.
 
     One step updates ``model`` and ``optimizer`` (a
     :class:`SharpnessAwareOptimizer`) in place:
@@ -160,6 +163,12 @@ def nnx_train_step(
       optimizer.update(model, out.grads, perturbed_grads=out.perturbed_grads,
                        ascent_state=out.ascent_state)
 
+    ``second_pass="auto"`` reads the second-pass schedule in the optimizer's
+    state (:func:`sam_optax.periodic`, :func:`sam_optax.randomized`,
+    :func:`sam_optax.adaptive_policy`, LookSAM), so a base step runs one
+    gradient pass; ``True`` / ``False`` force the program (each compiles
+    once), a boolean array decides at run time.
+
     Args:
       loss_fn: ``loss_fn(model, batch, *args) -> loss`` (or ``(loss, metrics)``
         with ``has_aux``).
@@ -174,32 +183,34 @@ def nnx_train_step(
         (:func:`sam_optax.distributed.place`), so it compiles once.
 
     Returns:
-      ``step(model, optimizer, batch, *args) -> metrics`` with ``loss``,
+      ``step(model, optimizer, batch, *args, second_pass="auto") -> metrics`` with ``loss``,
       ``perturbed_loss``, ``sharpness`` and the ``loss_fn`` metrics.
     """
     kwargs = dict(sa_kwargs, has_aux=has_aux)
     get_grad_fn = _common.cached(lambda geometry, wrt: nnx_sharpness_aware_grad(loss_fn, geometry, wrt=wrt, **kwargs))
 
-    def step(model, optimizer: SharpnessAwareOptimizer, batch, *args):
+    def step(model, optimizer: SharpnessAwareOptimizer, batch, *args, second_pass="auto"):
         grad_fn = get_grad_fn(optimizer.geometry, optimizer.wrt)
-        out = grad_fn(model, batch, *args, ascent_state=nnx.as_pure(optimizer.ascent_state))
+        second_pass = resolve_second_pass(second_pass, nnx.as_pure(optimizer.opt_state))
+        out = grad_fn(model, batch, *args, ascent_state=nnx.as_pure(optimizer.ascent_state), second_pass=second_pass)
         new_state, metrics = out.aux
         nnx.update(model, new_state)
-        optimizer.update(model, out.grads, perturbed_grads=out.perturbed_grads, ascent_state=out.ascent_state)
+        perturbed = out.grads if second_pass is False else out.perturbed_grads
+        optimizer.update(model, out.grads, perturbed_grads=perturbed, ascent_state=out.ascent_state)
         metrics = dict(metrics or {}, loss=out.loss, perturbed_loss=out.perturbed_loss,
                        sharpness=out.perturbed_loss - out.loss)
         return metrics
 
     if not jit:
         return step
-    jitted = nnx.jit(step)
+    jitted = _common.jit_with_flag(step, jit=nnx.jit)
     mesh = getattr(sa_kwargs.get("data"), "mesh", None)
     if mesh is None:
         return jitted
 
-    def placed_step(model, optimizer, batch, *args):
+    def placed_step(model, optimizer, batch, *args, second_pass="auto"):
         _place(model, optimizer, mesh)
-        return jitted(model, optimizer, batch, *args)
+        return jitted(model, optimizer, batch, *args, second_pass=second_pass)
 
     return placed_step
 
