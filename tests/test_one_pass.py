@@ -305,3 +305,142 @@ def test_update_without_params_raises():
         params = _f32(_W0)
         with pytest.raises(ValueError, match="params"):
             tx.update(params, tx.init(params))
+
+
+# ---------------------------------------------------------------------------
+# m-RWP: lam g_{B1}(w + eps) + (1 - lam) g_{B0}(w)
+# ---------------------------------------------------------------------------
+
+
+def _batch(seed, n=8):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, 3)), rng.normal(size=(n, 2))
+
+
+def _np_grad_on(w, batch):
+    x, y = batch
+    r = x @ w["k"] + w["b"] - y
+    return {"b": r.sum(0) / len(x), "k": x.T @ r / len(x)}
+
+
+def _loss_on(w, batch):
+    x, y = batch
+    r = jnp.asarray(x, w["k"].dtype) @ w["k"] + w["b"] - jnp.asarray(y, w["k"].dtype)
+    return 0.5 * jnp.sum(r * r) / len(x)
+
+
+_PAIRS = [(_batch(10 + t), _batch(20 + t)) for t in range(3)]
+
+
+def _run_mrwp(init, step, pairs=_PAIRS, dtype=jnp.float32, key=jax.random.PRNGKey(7)):
+    params = jax.tree.map(lambda v: jnp.asarray(v, dtype), _W0)
+    state, losses = init(params, key), []
+    step = jax.jit(step)
+    for b0, b1 in pairs:
+        b0, b1 = jax.tree.map(lambda v: jnp.asarray(v, dtype), (b0, b1))
+        params, state, (loss, _) = step(params, state, b0, b1)
+        losses.append(float(loss))
+    assert step._cache_size() == 1
+    return params, state, losses
+
+
+def test_mrwp_step_equals_a_float64_hand_loop_with_a_fixed_key():
+    """Adaptive m-RWP + heavy-ball SGD over 3 steps, every quantity in numpy float64; the
+    noise is drawn as rwp_noise documents it: per step key, sub = split(key), one key per
+    leaf (split(sub, 2), leaves b then k), std sigma (||w_col|| or ||b||), / sqrt(1 + eta F)."""
+    lam, sigma, eta, beta, lr = 0.3, 0.05, 0.5, 0.8, 0.1
+    with jax.enable_x64(True):
+        init, step = sam_optax.mrwp_step(_loss_on, optax.sgd(lr, momentum=0.9), lam, sigma, eta, beta)
+        params, state, losses = _run_mrwp(init, step, dtype=jnp.float64)
+        key, w = jax.random.PRNGKey(7), {k: v.copy() for k, v in _W0.items()}
+        fisher = {k: np.zeros_like(v) for k, v in w.items()}
+        mom = {k: np.zeros_like(v) for k, v in w.items()}
+        for t, (b0, b1) in enumerate(_PAIRS):
+            key, sub = jax.random.split(key)
+            kb, kk = jax.random.split(sub, 2)
+            zb = np.asarray(jax.random.normal(kb, (2,), jnp.float64))
+            zk = np.asarray(jax.random.normal(kk, (3, 2), jnp.float64))
+            eps = {"b": zb * sigma * (np.linalg.norm(w["b"]) + 1e-16) / np.sqrt(1 + eta * fisher["b"]),
+                   "k": zk * (sigma + 1e-16) * np.linalg.norm(w["k"], axis=0)
+                   / np.sqrt(1 + eta * fisher["k"].sum(0))}
+            g0 = _np_grad_on(w, b0)
+            g1 = _np_grad_on({k: w[k] + eps[k] for k in w}, b1)
+            fisher = {k: beta * fisher[k] + g1[k] ** 2 for k in w}
+            mom = {k: 0.9 * mom[k] + lam * g1[k] + (1 - lam) * g0[k] for k in w}
+            r = b0[0] @ w["k"] + w["b"] - b0[1]
+            np.testing.assert_allclose(losses[t], 0.5 * np.sum(r * r) / len(r), rtol=1e-12)  # clean, on B0
+            w = {k: w[k] - lr * mom[k] for k in w}
+        for k in w:
+            np.testing.assert_allclose(np.asarray(params[k]), w[k], rtol=1e-12, atol=1e-14)
+            np.testing.assert_allclose(np.asarray(state.rwp.fisher[k]), fisher[k], rtol=1e-12, atol=1e-14)
+        assert int(state.rwp.count) == 3
+
+
+def test_mrwp_lam_zero_is_the_base_optimizer_on_batch0():
+    """lam = 0 (sigma > 0): exactly heavy-ball SGD on batch 0; batch 1 and the noise do not enter."""
+    init, step = sam_optax.mrwp_step(_loss_on, optax.sgd(0.1, momentum=0.9), lam=0.0, sigma=0.5)
+    params, _, _ = _run_mrwp(init, step)
+    opt, w = optax.sgd(0.1, momentum=0.9), _f32(_W0)
+    o = opt.init(w)
+    for b0, _ in _PAIRS:
+        u, o = opt.update(jax.grad(_loss_on)(w, jax.tree.map(jnp.float32, b0)), o, w)
+        w = optax.apply_updates(w, u)
+    assert_trees_close(params, w, rtol=1e-6, atol=1e-7)  # jit vs op by op: rounding only
+
+
+def test_mrwp_sigma_zero_half_is_the_base_optimizer_on_the_mean_gradient():
+    init, step = sam_optax.mrwp_step(_loss_on, optax.sgd(0.1, momentum=0.9), lam=0.5, sigma=0.0)
+    params, _, _ = _run_mrwp(init, step)
+    w, m = {k: v.copy() for k, v in _W0.items()}, {k: np.zeros_like(v) for k, v in _W0.items()}
+    for b0, b1 in _PAIRS:
+        g0, g1 = _np_grad_on(w, b0), _np_grad_on(w, b1)
+        m = {k: 0.9 * m[k] + (g0[k] + g1[k]) / 2 for k in w}
+        w = {k: w[k] - 0.1 * m[k] for k in w}
+    _close(params, w, tol=1e-5)
+
+
+def test_mrwp_lam_one_is_arwp_on_batch1():
+    """lam = 1: the (adaptive) RWP step of rwp_step on batch 1, same key: same noise and F."""
+    args = dict(sigma=0.05, eta=0.5, beta=0.8)
+    init, step = sam_optax.mrwp_step(_loss_on, optax.sgd(0.1), lam=1.0, **args)
+    params, state, _ = _run_mrwp(init, step)
+    rinit, rstep = rwp_step(_loss_on, optax.sgd(0.1), **args)
+    rstep = jax.jit(rstep)
+    p, s = _f32(_W0), rinit(_f32(_W0), jax.random.PRNGKey(7))
+    for _, b1 in _PAIRS:
+        p, s, _ = rstep(p, s, jax.tree.map(jnp.float32, b1))
+    assert_trees_close(params, p, rtol=0, atol=0)
+    assert_trees_close(state.rwp.fisher, s.rwp.fisher, rtol=0, atol=0)
+
+
+def test_mrwp_runs_two_gradient_passes_per_step():
+    calls = []
+
+    def counted(params, batch):
+        jax.debug.callback(lambda: calls.append(1))
+        return _loss_on(params, batch)
+
+    init, step = sam_optax.mrwp_step(counted, optax.sgd(0.1))
+    _run_mrwp(init, step)
+    jax.effects_barrier()
+    assert len(calls) == 2 * len(_PAIRS)
+
+
+@pytest.mark.parametrize(
+    "make, name",
+    [
+        (lambda: sam_optax.mrwp_grad(loss_fn, lam=-0.1), "lam"),
+        (lambda: sam_optax.mrwp_grad(loss_fn, lam=1.5), "lam"),
+        (lambda: sam_optax.mrwp_grad(loss_fn, lam=float("nan")), "lam"),
+        (lambda: sam_optax.mrwp_grad(loss_fn, lam="0.5"), "lam"),
+        (lambda: sam_optax.mrwp_grad(loss_fn, sigma=-0.01), "sigma"),
+        (lambda: sam_optax.mrwp_grad(loss_fn, eta=-1.0), "eta"),
+        (lambda: sam_optax.mrwp_grad(loss_fn, beta=1.5), "beta"),
+        (lambda: sam_optax.mrwp_grad(None), "loss_fn"),
+        (lambda: sam_optax.mrwp_step(loss_fn, "sgd"), "tx"),
+        (lambda: sam_optax.mrwp_step(loss_fn, optax.sgd(0.1), lam=2.0), "lam"),
+    ],
+)
+def test_mrwp_bad_arguments_raise_naming_the_argument(make, name):
+    with pytest.raises(ValueError, match=name):
+        make()

@@ -1,4 +1,5 @@
-"""Second-pass schedulers: periodic SAM (Composer) and RST (randomized), by hand and by identity."""
+"""Second-pass schedulers: periodic SAM (Composer), RST (randomized), AE-SAM, late-phase SAM and
+AE-LookSAM, by hand, by identity and by counting gradient passes."""
 
 import functools
 
@@ -11,7 +12,15 @@ import pytest
 import sam_optax
 from sam_optax import geometry, rules
 from sam_optax.train import resolve_second_pass
-from helpers import assert_trees_close, batches, loss_fn, make_params, sam_grads_by_hand, tmap
+from helpers import (
+    assert_trees_close,
+    batches,
+    looksam_direction_by_hand,
+    loss_fn,
+    make_params,
+    sam_grads_by_hand,
+    tmap,
+)
 
 RHO, LR = 0.1, 0.1
 DATA = batches(4)
@@ -297,3 +306,138 @@ def test_periodic_schedule_on_the_host():
         rules.periodic_schedule(3, sam_optax.sam(optax.sgd(LR)).init(jnp.zeros(2)))
     with pytest.raises(ValueError, match="every"):
         rules.periodic_schedule(0, s)
+
+
+# --------------------------------------------------------------------------
+# Late-phase SAM (late_phase)
+# --------------------------------------------------------------------------
+
+
+def _counted(calls):
+    def counted(params, batch):
+        jax.debug.callback(lambda: calls.append(1))
+        return loss_fn(params, batch)
+
+    return counted
+
+
+def test_late_phase_equals_a_hand_rolled_loop_and_runs_one_pass_before_the_switch():
+    """Heavy-ball SGD on g for updates 0..2, on g(w + rho g/|g|) from update 3 on; the
+    momentum carries over the switch; the loss runs once per step before it, twice after."""
+    calls, data = [], batches(6)
+    tx = sam_optax.late_phase(sam_optax.sam(optax.sgd(LR, momentum=0.9)), start_step=3)
+    p, s, flags = run(tx, 6, loss=_counted(calls), data=data)
+    jax.effects_barrier()
+    assert flags == [False] * 3 + [True] * 3
+    assert len(calls) == 3 * 1 + 3 * 2
+    w, m = make_params(), tmap(jnp.zeros_like, make_params())
+    for t, b in enumerate(data):
+        g, gp = HAND(w, b, RHO)
+        m = tmap(lambda mi, d: 0.9 * mi + d, m, gp if t >= 3 else g)
+        w = tmap(lambda x, mi: x - LR * mi, w, m)
+    assert_trees_close(p, w, rtol=2e-5, atol=1e-6)
+    assert int(s.opt_state.schedule_count) == 6 and bool(s.opt_state.sam_step_next)
+
+
+def test_late_phase_0_is_sam_and_past_the_end_is_the_base_optimizer():
+    base = lambda: sam_optax.sam(optax.sgd(LR, momentum=0.9))  # noqa: E731
+    for start, kind in ((0, "sam"), (100, "base")):
+        p, _, flags = run(sam_optax.late_phase(base(), start_step=start), 4, data=DATA)
+        assert flags == [kind == "sam"] * 4
+        assert_trees_close(p, reference(kind), rtol=1e-6, atol=1e-7)
+
+
+def test_late_phase_schedule_on_the_host_and_literal_false_after_the_switch_is_nan():
+    tx = sam_optax.late_phase(sam_optax.sam(optax.sgd(LR)), start_step=1)
+    init, step = sam_optax.sharpness_aware_step(loss_fn, tx, geometry.l2(RHO))
+    p, s = make_params(), init(make_params())
+    flags = rules.late_phase_schedule(1, s.opt_state)
+    assert [next(flags) for _ in range(3)] == [False, True, True]
+    never = jax.jit(lambda p, s, b: step(p, s, b, second_pass=False))
+    p, s, _ = never(p, s, DATA[0])  # update 0: the base step, one pass
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(p))
+    assert [next(rules.late_phase_schedule(1, s.opt_state))] == [True]
+    p, _, _ = never(p, s, DATA[1])  # update 1: a SAM step without its second pass
+    assert all(bool(jnp.all(jnp.isnan(x))) for x in jax.tree.leaves(p))
+    with pytest.raises(ValueError, match="disagrees"):
+        rules.late_phase_schedule(5, s.opt_state)
+    with pytest.raises(ValueError, match="exactly one late_phase state"):
+        rules.late_phase_schedule(1, sam_optax.sam(optax.sgd(LR)).init(jnp.zeros(2)))
+
+
+@pytest.mark.parametrize("start_step", [-1, 1.5, "3", True, None, 2**31])
+def test_late_phase_bad_arguments(start_step):
+    with pytest.raises(ValueError, match="start_step"):
+        sam_optax.late_phase(sam_optax.sam(optax.sgd(LR)), start_step)
+
+
+def test_late_phase_bad_rule():
+    with pytest.raises(ValueError, match="rule"):
+        sam_optax.late_phase("sam", 3)
+    with pytest.raises(ValueError, match="late_phase: rule already schedules"):
+        sam_optax.late_phase(sam_optax.looksam(optax.sgd(LR), k=2), 3).init(make_params())
+
+
+# --------------------------------------------------------------------------
+# AE-LookSAM (adaptive_looksam)
+# --------------------------------------------------------------------------
+
+ALPHA = 0.7
+
+
+def ae_look(**kw):
+    return sam_optax.adaptive_looksam(optax.sgd(LR), **dict(AE, **kw), alpha=ALPHA)
+
+
+def test_adaptive_looksam_equals_a_hand_rolled_loop():
+    """AE-SAM's decision by hand; SAM steps store g_v = g_s - <g, g_s>/|g|^2 g, the others
+    take g + alpha |g| g_v/|g_v| (the last stored g_v: LookSAM's reuse, not the base step)."""
+    data, calls = batches(6), []
+    init, step = sam_optax.sharpness_aware_step(_counted(calls), ae_look(), geometry.l2(RHO))
+    step = jax.jit(step)
+    p, s = make_params(), init(make_params())
+    w, mu, var, g_v, sams = make_params(), 0.0, 0.0, None, []
+    for t, b in enumerate(data):
+        p, s, _ = step(p, s, b)
+        g, gp = HAND(w, b, RHO)
+        n = float(sum(np.sum(np.square(np.asarray(x, np.float64))) for x in jax.tree.leaves(g)))
+        mu = 0.5 * mu + 0.5 * n
+        var = 0.5 * var + 0.5 * (n - mu) ** 2
+        sams.append(n >= mu + (1.0 - 2.0 * min(t / 4, 1.0)) * np.sqrt(var))
+        d, g_v = looksam_direction_by_hand(g, gp, 0 if sams[-1] else 1, 2, ALPHA, g_v)
+        w = tmap(lambda x, di: x - LR * di, w, d)
+        assert bool(s.opt_state.rule_state.extra.sam_step) == sams[-1]
+    jax.effects_barrier()
+    assert sams[0] and not all(sams), sams  # reuse steps after a stored direction
+    assert len(calls) == 6 + sum(sams)
+    assert_trees_close(p, w, rtol=2e-5, atol=1e-6)
+
+
+def test_adaptive_looksam_infinite_thresholds_are_sam_and_the_base():
+    """c = -inf: every step is a SAM step (LookSAM with k = 1 = SAM), 2 passes; c = +inf:
+    no SAM step, so no stored direction (0): every step is the base step on g, 1 pass."""
+    base = lambda: optax.sgd(LR, momentum=0.9)  # noqa: E731
+    calls = []
+    for c, kind, per_step in ((-np.inf, "sam", 2), (np.inf, "base", 1)):
+        calls.clear()
+        tx = sam_optax.adaptive_looksam(base(), **dict(AE, c_start=c, c_end=c), alpha=ALPHA)
+        p, s, _ = run(tx, 4, loss=_counted(calls), data=DATA)
+        jax.effects_barrier()
+        assert len(calls) == 4 * per_step
+        assert_trees_close(p, reference(kind), rtol=1e-6, atol=1e-7)
+        assert bool(jnp.any(s.opt_state.rule_state.extra.sharpness_direction["scale"] != 0)) == (kind == "sam")
+
+
+def test_adaptive_looksam_literal_false_on_a_sam_step_is_nan_and_bad_arguments():
+    tx = sam_optax.adaptive_looksam(optax.sgd(LR), **dict(AE, c_start=-np.inf, c_end=-np.inf))
+    init, step = sam_optax.sharpness_aware_step(loss_fn, tx, geometry.l2(RHO))
+    p, _, _ = step(make_params(), init(make_params()), DATA[0], second_pass=False)
+    assert all(bool(jnp.all(jnp.isnan(x))) for x in jax.tree.leaves(p))
+    for kwargs, name in (({"alpha": -1.0}, "alpha"), ({"eps": -1.0}, "eps"), ({"delta": 1.0}, "delta"),
+                         ({"max_norm": 0.0}, "max_norm")):
+        with pytest.raises(ValueError, match=name):
+            sam_optax.adaptive_looksam(optax.sgd(LR), **dict(AE, **kwargs))
+    with pytest.raises(ValueError, match="base"):
+        sam_optax.adaptive_looksam("sgd", **AE)
+    with pytest.raises(ValueError, match="adaptive_looksam"):  # the plain composition stays refused
+        ae(sam_optax.looksam(optax.sgd(LR), k=2)).init(make_params())

@@ -8,6 +8,9 @@
 * :func:`rwp_grad`, :func:`rwp_step`, :func:`rwp_noise`: (adaptive) random weight
   perturbation at 1x cost (Li et al., TMLR 2024): the gradient at
   :math:`w+\\epsilon` only, with any optax base optimizer; the key is in the state.
+* :func:`mrwp_grad`, :func:`mrwp_step`: m-RWP, :math:`\\lambda g_{B_1}(w+\\epsilon) +
+  (1-\\lambda) g_{B_0}(w)` on two batches, two independent passes (not one pass:
+  here because it shares RWP's noise and state).
 """
 
 from sam_optax.one_pass._msam import (
@@ -18,6 +21,7 @@ from sam_optax.one_pass._msam import (
     msam_sgd,
     msam_unperturbed,
 )
+from sam_optax.one_pass._mrwp import mrwp_grad, mrwp_step
 from sam_optax.one_pass._rwp import (
     RWPState,
     RWPTrainState,
@@ -37,6 +41,8 @@ __all__ = [
     "msam_perturbed",
     "msam_sgd",
     "msam_unperturbed",
+    "mrwp_grad",
+    "mrwp_step",
     "rwp_grad",
     "rwp_init",
     "rwp_noise",

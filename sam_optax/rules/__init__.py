@@ -41,9 +41,17 @@ from sam_optax.rules._base import (
     sharpness_rule,
 )
 from sam_optax.rules._gsam import gsam, gsam_rho_schedule
-from sam_optax.rules._looksam import LookSAMSchedule, LookSAMState, looksam, looksam_full_step, looksam_schedule
+from sam_optax.rules._looksam import (
+    LookSAMSchedule,
+    LookSAMState,
+    ScheduledLookSAMState,
+    looksam,
+    looksam_full_step,
+    looksam_schedule,
+)
 from sam_optax.rules._sam import sam
-from sam_optax.rules._adaptive import AdaptivePolicyState, adaptive_policy
+from sam_optax.rules._adaptive import AdaptivePolicyState, adaptive_looksam, adaptive_policy
+from sam_optax.rules._late import LatePhaseState, late_phase, late_phase_schedule
 from sam_optax.rules._schedules import (
     PeriodicState,
     RandomizedState,
@@ -81,7 +89,12 @@ __all__ = [
     "looksam_schedule",
     "LookSAMSchedule",
     "AdaptivePolicyState",
+    "adaptive_looksam",
     "adaptive_policy",
+    "LatePhaseState",
+    "late_phase",
+    "late_phase_schedule",
+    "ScheduledLookSAMState",
     "PeriodicState",
     "RandomizedState",
     "periodic",

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from sam_optax import _utils
+from sam_optax.rules._looksam import scheduled_looksam
 from sam_optax.rules._schedules import check_inner, scheduled_update
 
 
@@ -149,3 +150,77 @@ def adaptive_policy(
         return new_updates, AdaptivePolicyState(count, mu, var, state.policy, rule_state)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def adaptive_looksam(
+    base: optax.GradientTransformation,
+    delta: float,
+    c_start: float,
+    c_end: float,
+    total_steps: int,
+    *,
+    mu_init: float,
+    var_init: float,
+    alpha: float = 0.7,
+    eps: float = 1e-12,
+    max_norm: Optional[float] = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""AE-LookSAM: AE-SAM's policy picks the SAM steps, LookSAM's reuse update fills the others.
+
+    :func:`adaptive_policy` around LookSAM (:func:`sam_optax.looksam`'s math,
+    with its every-:math:`k` rule replaced by the policy's decision). With
+    :math:`n_t = \lVert g_t\rVert^2`, :math:`\mu_t, \sigma_t, c_t` as in
+    :func:`adaptive_policy`:
+
+    .. math::
+
+      n_t \ge \mu_t + c_t \sigma_t:&\quad \text{base}(\tilde g_t), \quad
+        \hat u \leftarrow \frac{g_v}{\lVert g_v\rVert}, \;
+        g_v = \tilde g_t - \frac{\langle g_t, \tilde g_t\rangle}{\lVert g_t\rVert^2} g_t \\
+      \text{otherwise}:&\quad \text{base}(g_t + \alpha \lVert g_t\rVert \hat u)
+        \quad (\hat u \text{ kept})
+
+    The second pass runs only on the SAM steps (``second_pass="auto"`` of
+    :func:`sam_optax.sharpness_aware_step`: decided after the clean pass, as
+    AE-SAM; one shard per device). Until the first SAM step :math:`\hat u = 0`,
+    so those steps are base steps on :math:`g_t`. :math:`c \equiv -\infty` is
+    SAM (``looksam(base, k=1)``), :math:`c \equiv +\infty` the base optimizer.
+    The paper's own AE-LookSAM formula was not read (reference sheet section 4:
+    "the AE policy picks the SAM steps, and LookSAM's gradient reuse is used on
+    the others"); the reuse update is the one of :func:`sam_optax.looksam`.
+
+    Example::
+
+      >>> import jax, jax.numpy as jnp, optax, sam_optax
+      >>> loss_fn = lambda w, b: jnp.mean((b @ w - 1.0) ** 2)
+      >>> tx = sam_optax.rules.adaptive_looksam(optax.sgd(0.1), 0.9, 0.4, 0.2, 100,
+      ...                                       mu_init=0.0, var_init=0.0, alpha=0.7)
+      >>> init, step = sam_optax.sharpness_aware_step(loss_fn, tx)
+      >>> w = jnp.zeros(2); state = init(w)
+      >>> w, state, out = jax.jit(step)(w, state, jnp.ones((4, 2)))
+      >>> bool(state.opt_state.rule_state.extra.sam_step)  # n_0 = 8 >= mu_0 + 0.4 sigma_0
+      True
+
+    Args:
+      base: any optax optimizer (LookSAM's base).
+      delta, c_start, c_end, total_steps, mu_init, var_init: the policy, as in
+        :func:`adaptive_policy` (no defaults: the paper's values were not read).
+      alpha: ``>= 0``, weight of the reused direction (LookSAM's, 0.7 by default).
+      eps: ``>= 0``, added to norms in denominators.
+      max_norm: optional ``> 0``; clip both gradients to this global norm first.
+
+    Returns:
+      An :class:`optax.GradientTransformationExtraArgs` with state
+      :class:`AdaptivePolicyState` whose ``rule_state`` is LookSAM's
+      :class:`~sam_optax.rules.SharpnessRuleState` (``extra``:
+      ``ScheduledLookSAMState(sharpness_direction, sam_step)``, ``sam_step`` the
+      last update's decision).
+
+    References:
+      Jiang, Yang, Zhang, Kwok, `An Adaptive Policy to Employ Sharpness-Aware
+      Minimization <https://arxiv.org/abs/2304.14647>`_, ICLR 2023;
+      Liu et al, `Towards Efficient and Scalable Sharpness-Aware Minimization
+      <https://arxiv.org/abs/2203.02714>`_, CVPR 2022
+    """
+    rule = scheduled_looksam(base, alpha, eps=eps, max_norm=max_norm)
+    return adaptive_policy(rule, delta, c_start, c_end, total_steps, mu_init=mu_init, var_init=var_init)

@@ -95,18 +95,69 @@ def looksam(
 
     def combine(g, g_pert, state, params):
         del params
-        full = state.rule_count % k == 0
-        w = state.extra.sharpness_direction
-        d, n = global_norm_parts(g)
-        if same_arrays(g, g_pert):  # no second pass was run: a reuse step (NaN if it should not be)
-            bad = jnp.where(full, jnp.nan, 0.0)
-            base_grads = jax.tree.map(lambda gi, wi: gi + d * (alpha * n * wi) + bad, g, w)
-        else:
-            w = _stored_direction(g, g_pert, w, full, eps)  # read w once: updated in place
-            base_grads = jax.tree.map(
-                lambda gi, si, wi: jnp.where(full, si, gi + d * (alpha * n * wi)), g, g_pert, w
-            )
+        base_grads, w = _full_or_reuse(g, g_pert, state.extra.sharpness_direction, state.rule_count % k == 0,
+                                       alpha, eps)
         return base_grads, None, LookSAMState(w, (state.rule_count + 1) % k == 0)
+
+    return sharpness_rule(base, combine, name="looksam", max_norm=max_norm, init_extra=init_extra)
+
+
+def _full_or_reuse(g: Any, g_pert: Any, w: Any, full: jax.Array, alpha: Any, eps: Any) -> tuple[Any, Any]:
+    r"""LookSAM's step: ``(what the base optimizer sees, the new stored unit direction)``.
+
+    ``full``: :math:`\tilde g` and the fresh direction; otherwise the reuse
+    gradient :math:`g + \alpha \lVert g\rVert w` and ``w`` kept."""
+    d, n = global_norm_parts(g)
+    if same_arrays(g, g_pert):  # no second pass was run: a reuse step (NaN if it should not be)
+        bad = jnp.where(full, jnp.nan, 0.0)
+        return jax.tree.map(lambda gi, wi: gi + d * (alpha * n * wi) + bad, g, w), w
+    w = _stored_direction(g, g_pert, w, full, eps)  # read w once: updated in place
+    base_grads = jax.tree.map(lambda gi, si, wi: jnp.where(full, si, gi + d * (alpha * n * wi)), g, g_pert, w)
+    return base_grads, w
+
+
+class ScheduledLookSAMState(NamedTuple):
+    """State (``extra``) of LookSAM whose full steps a scheduler around it chooses.
+
+    Attributes:
+      sharpness_direction: the stored unit sharpness direction (as :class:`LookSAMState`'s).
+      sam_step: whether the current (after an update: the last) update is a full
+        SAM step; written by the scheduler before each update (not a flag of the
+        next update, so ``second_pass="auto"`` does not read it).
+    """
+
+    sharpness_direction: Any
+    sam_step: jax.Array  # shape=(), dtype=bool.
+
+
+def scheduled_looksam(
+    base: optax.GradientTransformation,
+    alpha: float = 0.7,
+    *,
+    eps: float = 1e-12,
+    max_norm: Optional[float] = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""LookSAM's full and reuse steps, the full ones chosen by the scheduler around it.
+
+    The rule of :func:`looksam` with :math:`t mod k = 0` replaced by the
+    scheduler's flag (``ScheduledLookSAMState.sam_step``, set by
+    :func:`~sam_optax.rules.adaptive_policy`, :func:`~sam_optax.periodic`,
+    :func:`~sam_optax.randomized` before each update). Alone it never takes a full
+    step. Before the first full step the stored direction is 0, so a reuse step is
+    the base step on :math:`g`. Used by :func:`sam_optax.rules.adaptive_looksam`.
+    """
+    _utils.check_range("alpha", alpha, low=0.0)
+    _utils.check_range("eps", eps, low=0.0)
+
+    def init_extra(params):
+        zeros = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), _utils.compute_dtype(p)), params)
+        return ScheduledLookSAMState(sharpness_direction=zeros, sam_step=jnp.asarray(False))
+
+    def combine(g, g_pert, state, params):
+        del params
+        full = state.extra.sam_step
+        base_grads, w = _full_or_reuse(g, g_pert, state.extra.sharpness_direction, full, alpha, eps)
+        return base_grads, None, ScheduledLookSAMState(w, full)
 
     return sharpness_rule(base, combine, name="looksam", max_norm=max_norm, init_extra=init_extra)
 

@@ -1,5 +1,8 @@
 """Second-pass schedulers: periodic SAM (MosaicML Composer) and RST (randomized SAM).
 
+Late-phase SAM (:func:`sam_optax.rules.late_phase`) and AE-SAM
+(:func:`sam_optax.rules.adaptive_policy`) build on the pieces here.
+
 A scheduler wraps any rule and decides, in its own state, whether the *next*
 update is a SAM step (needs the second gradient pass) or a base step (the rule
 is fed :math:`\\tilde g = g`, which every rule here turns into its base
@@ -19,6 +22,7 @@ import optax
 
 from sam_optax import _utils
 from sam_optax.rules._base import read_both, same_arrays
+from sam_optax.rules._looksam import ScheduledLookSAMState
 
 #: Names of the fields that hold "the next update is a SAM step" flags.
 FLAG_FIELDS = ("looksam_full_step", "sam_step_next")
@@ -79,7 +83,8 @@ def scheduled_second_pass(opt_state: Any) -> Any:
     flags = schedule_flags(opt_state)
     if len(flags) > 1:
         raise ValueError(
-            f"opt_state holds {len(flags)} second-pass schedules (LookSAM, periodic, randomized, AE-SAM); "
+            f"opt_state holds {len(flags)} second-pass schedules (LookSAM, periodic, randomized, late_phase, "
+            "AE-SAM); "
             "second_pass='auto' needs at most one: wrap a plain rule (sam, wsam, gsam) in one scheduler."
         )
     return flags[0] if flags else True
@@ -88,8 +93,10 @@ def scheduled_second_pass(opt_state: Any) -> Any:
 def check_inner(rule_state: Any, name: str) -> None:
     if schedule_flags(rule_state):
         raise ValueError(
-            f"{name}: rule already schedules its second pass (looksam, periodic, randomized or adaptive_policy); "
-            "two schedules in one state cannot both drive second_pass='auto'. Wrap a plain rule."
+            f"{name}: rule already schedules its second pass (looksam, periodic, randomized, late_phase or "
+            "adaptive_policy); "
+            "two schedules in one state cannot both drive second_pass='auto'. Wrap a plain rule "
+            "(AE-LookSAM: sam_optax.adaptive_looksam)."
         )
 
 
@@ -98,8 +105,11 @@ def scheduled_update(rule, flag, updates, rule_state, params, perturbed_grads, c
 
     Given ``perturbed_grads`` that *are* ``updates`` (a literal ``second_pass=False``),
     the rule compiles its one-pass update; where ``flag`` holds that is a NaN
-    update (the SAM step's second pass is missing), never a silent base step."""
+    update (the SAM step's second pass is missing), never a silent base step.
+    A rule whose SAM steps are chosen from outside (the LookSAM of
+    :func:`sam_optax.rules.adaptive_looksam`) is told ``flag`` first (:func:`drive_inner`)."""
     perturbed_grads = read_both(updates, perturbed_grads, clean_grads, name)
+    rule_state = drive_inner(rule_state, flag)
     if same_arrays(updates, perturbed_grads):
         new_updates, rule_state = rule.update(
             updates, rule_state, params, perturbed_grads=updates, clean_grads=clean_grads, **extra_args
@@ -108,6 +118,40 @@ def scheduled_update(rule, flag, updates, rule_state, params, perturbed_grads, c
         return jax.tree.map(lambda u: u + bad.astype(u.dtype), new_updates), rule_state
     g_pert = jax.tree.map(lambda g, gp: jnp.where(flag, gp, g), updates, perturbed_grads)
     return rule.update(updates, rule_state, params, perturbed_grads=g_pert, clean_grads=clean_grads, **extra_args)
+
+
+def drive_inner(rule_state: Any, flag: Any) -> Any:
+    """``rule_state`` with every :class:`~sam_optax.rules._looksam.ScheduledLookSAMState`'s
+    ``sam_step`` set to ``flag``: the scheduler's decision of this update, read by the rule."""
+    is_driven = lambda x: isinstance(x, ScheduledLookSAMState)  # noqa: E731
+    flag = jnp.asarray(flag, bool)
+    return jax.tree.map(lambda x: x._replace(sam_step=flag) if is_driven(x) else x, rule_state, is_leaf=is_driven)
+
+
+def count_scheduler(
+    rule: optax.GradientTransformation, state_cls: type, flag_of: Callable[[jax.Array], Any], name: str
+) -> optax.GradientTransformationExtraArgs:
+    """A scheduler whose flag is a function of the update count: ``flag_of(t)``
+    says whether update ``t`` (from 0) is a SAM step; the state is
+    ``state_cls(schedule_count, sam_step_next, rule_state)`` (:func:`periodic`,
+    :func:`sam_optax.rules.late_phase`)."""
+    rule = optax.with_extra_args_support(rule)
+
+    def init_fn(params):
+        rule_state = rule.init(params)
+        check_inner(rule_state, name)
+        count = jnp.zeros([], jnp.int32)
+        return state_cls(count, jnp.asarray(flag_of(count), bool), rule_state)
+
+    def update_fn(updates, state, params=None, *, perturbed_grads=None, clean_grads=None, **extra_args):
+        new_updates, rule_state = scheduled_update(
+            rule, state.sam_step_next, updates, state.rule_state, params, perturbed_grads, clean_grads, name,
+            extra_args,
+        )
+        count = optax.safe_increment(state.schedule_count)
+        return new_updates, state_cls(count, jnp.asarray(flag_of(count), bool), rule_state)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def periodic(rule: optax.GradientTransformation, every: int) -> optax.GradientTransformationExtraArgs:
@@ -171,22 +215,7 @@ def periodic(rule: optax.GradientTransformation, every: int) -> optax.GradientTr
     _utils.check_transformation("rule", rule)
     _utils.check_positive_int("every", every)
     every = int(every)
-    rule = optax.with_extra_args_support(rule)
-
-    def init_fn(params):
-        rule_state = rule.init(params)
-        check_inner(rule_state, "periodic")
-        return PeriodicState(jnp.zeros([], jnp.int32), jnp.asarray(every == 1), rule_state)
-
-    def update_fn(updates, state, params=None, *, perturbed_grads=None, clean_grads=None, **extra_args):
-        new_updates, rule_state = scheduled_update(
-            rule, state.sam_step_next, updates, state.rule_state, params, perturbed_grads, clean_grads,
-            "periodic", extra_args,
-        )
-        count = optax.safe_increment(state.schedule_count)
-        return new_updates, PeriodicState(count, (count + 1) % every == 0, rule_state)
-
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return count_scheduler(rule, PeriodicState, lambda t: (t + 1) % every == 0, "periodic")
 
 
 def periodic_schedule(every: int, opt_state: Any) -> Iterator[bool]:
