@@ -54,7 +54,9 @@ from sam_optax.rules import (
     gsam_rho_schedule,
     looksam,
     looksam_full_step,
+    adaptive_looksam,
     adaptive_policy,
+    late_phase,
     looksam_schedule,
     periodic,
     randomized,
@@ -68,11 +70,14 @@ from sam_optax.two_pass import SharpnessAwareGrads, sharpness_aware_grad
 from sam_optax import swp  # noqa: E402  (after two_pass and train: it builds on them)
 # One-pass perturbations: MSAM, ARWP at 1x cost.
 from sam_optax import one_pass  # noqa: E402
+from sam_optax import trajectory  # noqa: E402
 from sam_optax.one_pass import (  # noqa: E402
     msam_adamw,
     msam_perturbed,
     msam_sgd,
     msam_unperturbed,
+    mrwp_grad,
+    mrwp_step,
     rwp_grad,
     rwp_step,
 )
@@ -90,12 +95,15 @@ def __getattr__(name):
 
 __all__ = [
     "swp",
+    "trajectory",
     # One-pass perturbations: MSAM, ARWP at 1x cost.
     "one_pass",
     "msam_adamw",
     "msam_perturbed",
     "msam_sgd",
     "msam_unperturbed",
+    "mrwp_grad",
+    "mrwp_step",
     "rwp_grad",
     "rwp_step",
     "LookSAMState",
@@ -125,7 +133,9 @@ __all__ = [
     "looksam",
     "looksam_full_step",
     "looksam_schedule",
+    "adaptive_looksam",
     "adaptive_policy",
+    "late_phase",
     "periodic",
     "randomized",
     "lookahead",
