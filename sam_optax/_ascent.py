@@ -41,8 +41,11 @@ def refine(
     """
     radius = geometry.norm(eps, grads, params)
     eps = project(geometry, jax.tree.map(lambda x: step_size * x, eps), grads, params, radius)
-    for _ in range(steps - 1):
+
+    def ascend(_, eps):
         gk = grad_at(_utils.add_perturbation(params, eps))
         d, _ = geometry.update(gk, state, params)
-        eps = project(geometry, jax.tree.map(lambda e, x: e + step_size * x, eps, d), gk, params, radius)
-    return eps
+        return project(geometry, jax.tree.map(lambda e, x: e + step_size * x, eps, d), gk, params, radius)
+
+    # a loop, not an unrolled trace: the program's size (and compile time) does not grow with ``steps``
+    return jax.lax.fori_loop(0, steps - 1, ascend, eps)
