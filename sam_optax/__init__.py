@@ -66,6 +66,7 @@ from sam_optax.rules import (
 )
 from sam_optax.one_object import SharpnessAwareTxState, sharpness_aware
 from sam_optax.train import SharpnessAwareState, plain_step, sharpness_aware_step
+from sam_optax._host import host_chosen_step
 from sam_optax.two_pass import SharpnessAwareGrads, sharpness_aware_grad
 from sam_optax import swp  # noqa: E402  (after two_pass and train: it builds on them)
 # One-pass perturbations: MSAM, ARWP at 1x cost.
@@ -94,6 +95,7 @@ def __getattr__(name):
     raise AttributeError(f"module 'sam_optax' has no attribute {name!r}")
 
 __all__ = [
+    "host_chosen_step",
     "swp",
     "trajectory",
     # One-pass perturbations: MSAM, ARWP at 1x cost.
