@@ -54,7 +54,8 @@ def host_chosen_step(
     Returns:
       ``(init, step)``: ``step(params, state, batch, *args) -> (params, state,
       out)`` is a Python function (not to be jitted itself) that runs the jitted
-      programs; ``out.perturbed_loss`` is the clean loss on one-pass steps.
+      programs; ``out.perturbed_loss`` is the clean loss on one-pass steps, and
+      ``step.last_second_pass`` says whether the last call ran the second pass.
 
     Example::
 
@@ -75,14 +76,34 @@ def host_chosen_step(
                               donate_argnums=donation) for flag in (True, False)}
     clean, finish = _split_programs(loss_fn, tx, geometry, data, has_aux, donate)
 
-    def step(params, state, batch, *args):
-        flag = scheduled_second_pass(state.opt_state)
-        if isinstance(flag, jax.tree_util.Partial):  # AE-SAM: decided from this step's clean gradient
-            out, decided = clean(params, state, batch, *args)
-            return finish[bool(decided)](params, state, batch, out, *args)
-        return programs[bool(flag)](params, state, batch, *args)
+    readers: dict = {}  # per state structure: where the flag is (found once; a tree search costs ~0.5 ms)
 
+    def step(params, state, batch, *args):
+        key = jax.tree.structure(state.opt_state)
+        if key not in readers:
+            readers[key] = _flag_reader(state.opt_state)
+        read = readers[key]
+        if read is None:  # AE-SAM: decided from this step's clean gradient
+            out, decided = clean(params, state, batch, *args)
+            step.last_second_pass = bool(decided)
+            return finish[step.last_second_pass](params, state, batch, out, *args)
+        step.last_second_pass = read(state.opt_state)
+        return programs[step.last_second_pass](params, state, batch, *args)
+
+    step.last_second_pass = None
     return init, step
+
+
+def _flag_reader(opt_state: Any) -> Optional[Callable[[Any], bool]]:
+    """``opt_state -> bool`` reading the schedule's flag by its leaf index, ``None`` for
+    AE-SAM's decision (a callable of the clean gradient)."""
+    flag = scheduled_second_pass(opt_state)
+    if isinstance(flag, jax.tree_util.Partial):
+        return None
+    if isinstance(flag, bool):  # no schedule: always the second pass
+        return lambda _: flag
+    index = next(i for i, leaf in enumerate(jax.tree.leaves(opt_state)) if leaf is flag)
+    return lambda opt_state: bool(jax.tree.leaves(opt_state)[index])
 
 
 def _split_programs(loss_fn, tx, geometry, data, has_aux, donate):

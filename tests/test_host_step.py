@@ -38,8 +38,9 @@ def both(make_tx, n):
     calls = []
     init, host = sam_optax.host_chosen_step(counted(calls), make_tx(), geometry.l2(RHO))
     q, t = make_params(), init(make_params())
-    for b in data:
+    for b, want in zip(data, ran):
         q, t, _ = host(q, t, b)
+        assert host.last_second_pass is want
     jax.effects_barrier()
     return (p, s), (q, t), ran, len(calls)
 
