@@ -90,7 +90,8 @@ def _train_all(args: argparse.Namespace, data, hyper) -> tuple[list, bool]:
 
 
 def _compare_table(results: list) -> str:
-    header = f"{'method':<13} {'test acc':>9} {'train loss':>11} {'lambda_max':>11} {'sharpness':>10} {'steps/s':>9}"
+    header = (f"{'method':<13} {'test acc':>9} {'train loss':>11} {'lambda_max':>11} {'sharpness':>10} {'steps/s':>9} "
+              f"{'2nd pass':>9}")
     lines = [header, "-" * len(header)]
     for r in results:
         lam = "-" if r["lambda_max"] is None else f"{r['lambda_max']:.3f}"
@@ -98,10 +99,14 @@ def _compare_table(results: list) -> str:
             lam += "*"  # power iteration stopped at max_iterations before its tolerance
         sh = "-" if r["sharpness"] is None else f"{r['sharpness']:.4f}"
         speed = "-" if r["steps_per_second"] is None else f"{r['steps_per_second']:.1f}"
+        frac = r.get("second_pass_fraction")
+        frac = "-" if frac is None else f"{frac:.2f}"
         lines.append(f"{r['method']:<13} {r['test_accuracy']:>9.4f} {r['train_loss']:>11.4f} {lam:>11} {sh:>10} "
-                     f"{speed:>9}")
+                     f"{speed:>9} {frac:>9}")
     if any(r.get("lambda_max_converged") is False for r in results):
         lines.append("* power iteration did not reach its tolerance (1e-3) in 50 Hessian-vector products")
+    if any(r.get("second_pass_fraction") is not None for r in results):
+        lines.append("2nd pass: fraction of the steps that ran the second gradient pass (- : a one-pass method)")
     if any(r["steps_per_second"] is None for r in results):
         lines.append("steps/s -: a single training step (--epochs x steps per epoch = 1) is all compilation, "
                      "so no speed is measured")
@@ -197,7 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="train one model with several methods on a locally generated dataset",
                        description="Train the same model with several methods on a dataset generated locally "
                                    "(MNIST-1D by default, or sklearn's digits) and compare test accuracy, final "
-                                   "train loss, Hessian lambda_max and steps/s. Saves results.json and accuracy.png. "
+                                   "train loss, Hessian lambda_max and steps/s (and, for the sharpness-aware "
+                                   "methods, the fraction of steps that ran the second gradient pass: below 1 for "
+                                   "looksam, periodic, rst and ae_sam). Saves results.json and accuracy.png. "
                                    "Ctrl-C stops after the step in flight, saves the methods that finished "
                                    "(\"complete\": false in results.json) and exits with status 130.")
     p.add_argument("--dataset", choices=("mnist1d", "digits"), default="mnist1d")
@@ -209,8 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--m", type=_positive_int, default=None, help="m-sharpness shard size (default: the batch)")
     p.add_argument("--lr", type=_nonneg_float, default=0.05, help="peak learning rate of SGD (cosine schedule)")
     p.add_argument("--rho", type=_nonneg_float, default=0.05,
-                   help="radius of sam, wsam, gsam (rho_max), esam, looksam and their averaged variants "
-                        "(asam and fisher keep their papers' 0.5 and 0.1)")
+                   help="radius of sam, wsam, gsam (rho_max), esam, looksam, rst, ae_sam and the averaged "
+                        "variants; periodic (SAM every 10 steps) uses 10 x rho, Composer's advice to scale rho "
+                        "with the interval (asam and fisher keep their papers' 0.5 and 0.1; msam its rho 0.3 and "
+                        "rwp its sigma 0.001, see sam_optax/experiments/methods.py)")
     p.add_argument("--label-noise", type=_fraction, default=0.0, help="symmetric label noise rate in [0, 1)")
     p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--out", default=os.path.join("sam_optax_runs", "compare"), help=_OUT_HELP)

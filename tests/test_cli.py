@@ -95,3 +95,19 @@ def test_toy_reproduces_the_wsam_figure(tmp_path, capsys):
                                     ("WSAM coupled gamma=0.6", (-16.8, 12.8), 0.15)]:
         assert abs(float(rows[label][0]) - mu) <= tol and abs(float(rows[label][1]) - sigma) <= tol, rows[label]
     assert (tmp_path / "wsam_toy.png").stat().st_size > 10_000
+
+
+def test_compare_runs_the_efficient_methods_and_reports_their_second_pass_fraction(tmp_path, capsys):
+    methods = ["periodic", "ae_sam", "rwp"]  # (rst and msam: tests/test_experiments.py)
+    rc = cli.main(["compare", "--dataset", "digits", "--model", "mlp", "--epochs", "1", "--methods", *methods,
+                   "--seed", "1", "--no-hessian", "--out", str(tmp_path), "--no-progress"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "2nd pass" in out and "rwp" in out
+    rows = {r["method"]: r for r in json.loads((tmp_path / "results.json").read_text())["results"]}
+    assert list(rows) == methods
+    steps = 1437 // 128  # 11 steps: periodic's SAM step is the 10th
+    assert rows["periodic"]["second_pass_fraction"] == 1 / steps
+    assert 0 < rows["ae_sam"]["second_pass_fraction"] < 1 and rows["rwp"]["second_pass_fraction"] is None
+    for r in rows.values():
+        assert 0.2 < r["test_accuracy"] <= 1.0 and r["lambda_max"] is None
