@@ -279,7 +279,7 @@ def _cost_steps(config, ctx, spe):
         if name == "periodic_cond":  # one program, the second pass under lax.cond
             steps[name] = lambda st, step=step: jax.jit(step, donate_argnums=(0, 1))
         else:
-            steps[name] = lambda st, step=step, get=get, k=hp.looksam_k: training._jit_step(step, st, get, k)
+            steps[name] = lambda st, step=step, get=get, h=recipe.host_schedule: training._jit_step(step, st, get, h)
     return steps, inits, two_pass
 
 

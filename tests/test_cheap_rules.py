@@ -122,7 +122,7 @@ def test_experiments_harness_picks_looksam_programs_on_the_host_on_cpu():
     init, step, get_opt_state = training._make_step(recipe, loss_fn, None)
     params = make_params()
     state = init(params)
-    host = training._jit_step(step, state, get_opt_state, K)
+    host = training._jit_step(step, state, get_opt_state, recipe.host_schedule)
     assert not hasattr(host, "lower")  # a host function over two jitted programs
     for b in batches(4):
         params, state, loss = host(params, state, b)

@@ -82,7 +82,7 @@ def recipe_run(name, hp, n=6, seed=0, data=None):
     init, step, get = training._make_step(recipe, loss_fn, per_example_loss, CTX)
     p = make_params()
     s = init(p, jax.random.PRNGKey(7))
-    step = training._jit_step(step, s, get, hp.looksam_k)
+    step = training._jit_step(step, s, get, recipe.host_schedule)
     counts = []
     for i, b in enumerate(data or batches(n)):
         p, s, loss = step(p, s, dict(b, index=np.arange(32) + 32 * i))

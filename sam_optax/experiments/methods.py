@@ -56,6 +56,7 @@ set) and, with ``Recipe.needs_key``, a PRNG key to ``init``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
@@ -63,7 +64,7 @@ import jax.numpy as jnp
 import optax
 
 import sam_optax
-from sam_optax import averaging, decay, geometry, one_pass
+from sam_optax import averaging, decay, geometry, one_pass, rules
 from sam_optax.data import sharpness_sensitive, shards
 
 
@@ -163,6 +164,10 @@ class Recipe(NamedTuple):
         examples in the training set (e.g. a per-example table); the loop always
         passes it, and the step raises ``ValueError`` at trace time without it.
       needs_key: ``init`` takes a PRNG key (random perturbations).
+      host_schedule: ``opt_state -> iterator of bools``, the literal ``second_pass``
+        of each coming step from a Python counter (``sam_optax.looksam_schedule``,
+        ``rules.periodic_schedule``, ``rules.late_phase_schedule``): on CPU the
+        loop then picks one of two programs per step without reading the device.
     """
 
     tx: optax.GradientTransformation
@@ -173,6 +178,7 @@ class Recipe(NamedTuple):
     make_step: Optional[Callable[[StepContext], tuple]] = None
     needs_index: bool = False
     needs_key: bool = False
+    host_schedule: Optional[Callable[[Any], Any]] = None
 
 
 def _last(params, opt_state):
@@ -231,8 +237,9 @@ def _trajectory_builder(make_regularizer, tx):
 def _efficient(name, hp, base, sa, steps_per_epoch, total) -> Recipe:
     """Late-phase SAM, AE-LookSAM, SAF, MESA and m-RWP (see the module docstring)."""
     if name == "late_sam":
-        tx = sam_optax.late_phase(sam_optax.sam(base), int(round(hp.late_start * total)))
-        return Recipe(tx, geometry.l2(hp.rho), sa, False, _last)
+        start = int(round(hp.late_start * total))
+        return Recipe(sam_optax.late_phase(sam_optax.sam(base), start), geometry.l2(hp.rho), sa, False, _last,
+                      host_schedule=functools.partial(rules.late_phase_schedule, start))
     if name == "ae_looksam":
         tx = sam_optax.adaptive_looksam(base, hp.ae_delta, hp.ae_c_start, hp.ae_c_end, total, mu_init=hp.ae_mu_init,
                                         var_init=hp.ae_var_init, alpha=hp.looksam_alpha)
@@ -286,7 +293,8 @@ def build_method(name: str, hp: Hyper, *, steps_per_epoch: int, epochs: int, see
                       True, _last)
     if name == "looksam":
         tx = sam_optax.looksam(base(), k=hp.looksam_k, alpha=hp.looksam_alpha)
-        return Recipe(tx, geometry.l2(hp.rho), sa, False, _last)
+        return Recipe(tx, geometry.l2(hp.rho), sa, False, _last,
+                      host_schedule=functools.partial(sam_optax.looksam_schedule, hp.looksam_k))
     if name in ("periodic", "rst", "ae_sam"):
         return _scheduled(name, hp, sam_optax.sam(base()), sa, total, seed)
     if name in ("late_sam", "ae_looksam", "mrwp", "saf", "mesa"):
@@ -334,7 +342,8 @@ def _scheduled(name, hp, rule, sa, total, seed) -> Recipe:
     skips the second pass on their base steps)."""
     if name == "periodic":
         rho = hp.periodic_every * hp.rho if hp.periodic_rho is None else hp.periodic_rho
-        return Recipe(sam_optax.periodic(rule, hp.periodic_every), geometry.l2(rho), sa, False, _last)
+        return Recipe(sam_optax.periodic(rule, hp.periodic_every), geometry.l2(rho), sa, False, _last,
+                      host_schedule=functools.partial(rules.periodic_schedule, hp.periodic_every))
     if name == "rst":
         return Recipe(sam_optax.randomized(rule, hp.rst_p, seed=seed), geometry.l2(hp.rho), sa, False, _last)
     tx = sam_optax.adaptive_policy(rule, hp.ae_delta, hp.ae_c_start, hp.ae_c_end, total,

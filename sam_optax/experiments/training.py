@@ -85,7 +85,7 @@ def train_method(
     params = net.init(jax.random.PRNGKey(seed), jnp.asarray(data.x_train[:1]))["params"]
     init, step, get_opt_state = _make_step(recipe, loss_fn, context.per_example_loss, context)
     state = init(params, init_key(seed))
-    step = _jit_step(step, state, get_opt_state, hp.looksam_k)
+    step = _jit_step(step, state, get_opt_state, recipe.host_schedule)
 
     @jax.jit
     def accuracy(params, state, x, y):
@@ -166,18 +166,20 @@ def looksam_host_chosen_default() -> bool:
     return jax.default_backend() == "cpu"
 
 
-def _jit_step(step, state, get_opt_state, looksam_k):
-    """``step`` jitted with donation; on CPU a LookSAM step becomes two programs (literal
-    ``second_pass``) picked on the host by :func:`sam_optax.looksam_schedule`, and another
-    scheduler's step runs :func:`sam_optax.host_chosen_step` (``second_pass="host"``)."""
+def _jit_step(step, state, get_opt_state, host_schedule=None):
+    """``step`` jitted with donation. On CPU a step with a second-pass schedule becomes two
+    programs (literal ``second_pass``) picked on the host: by ``host_schedule(opt_state)``
+    (``Recipe.host_schedule``: LookSAM's, periodic's, late-phase's flags from a Python
+    counter, no device read) when given, else by :func:`sam_optax.host_chosen_step`
+    (``second_pass="host"``: reads the flag, or takes AE-SAM's decision after the clean pass)."""
     opt_state = get_opt_state(state)
     if not schedule_flags(opt_state) or not looksam_host_chosen_default():
         return jax.jit(step, donate_argnums=(0, 1))
-    if optax.tree.get(opt_state, "looksam_full_step", None) is None:
+    if host_schedule is None:
         return functools.partial(step, second_pass="host")  # its programs are jitted inside
     programs = {flag: jax.jit(lambda p, s, b, flag=flag: step(p, s, b, second_pass=flag), donate_argnums=(0, 1))
                 for flag in (True, False)}
-    schedule = sam_optax.looksam_schedule(looksam_k, opt_state)  # checked against the state here
+    schedule = host_schedule(opt_state)  # checked against the state here
 
     def host_step(params, state, batch):
         return programs[next(schedule)](params, state, batch)
