@@ -96,7 +96,7 @@ class Store:
             f.write(json.dumps(row) + "\n")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _dataset(noise: float, seed: int, validation: bool):
     """The data of a run; generated once per process (MNIST-1D's generator takes seconds)."""
     from sam_optax.experiments import datasets
@@ -105,8 +105,15 @@ def _dataset(noise: float, seed: int, validation: bool):
     if not validation:
         return data
     n = len(data.x_train) - 640
-    return datasets.Dataset(data.name, data.x_train[:n], data.y_train[:n], data.x_train[n:], data.y_train_clean[n:],
-                            data.num_classes, data.y_train_clean[:n])
+    return datasets.Dataset(
+        data.name,
+        data.x_train[:n],
+        data.y_train[:n],
+        data.x_train[n:],
+        data.y_train_clean[n:],
+        data.num_classes,
+        data.y_train_clean[:n],
+    )
 
 
 def _run(store, config, bar):
@@ -120,9 +127,18 @@ def _run(store, config, bar):
     hp = Hyper(**config["hyper"])
     data = _dataset(config["noise"], config["data_seed"], config["validation"])
     bar.set_postfix_str(f"{config['experiment']}: {config['method']} seed {config['seed']}")
-    res = train_method(config["method"], data, model=MODEL, epochs=EPOCHS, batch_size=BATCH, hyper=hp,
-                       seed=config["seed"], hessian=config["hessian"], sharpness_rho=config.get("sharpness_rho"),
-                       progress=False)
+    res = train_method(
+        config["method"],
+        data,
+        model=MODEL,
+        epochs=EPOCHS,
+        batch_size=BATCH,
+        hyper=hp,
+        seed=config["seed"],
+        hessian=config["hessian"],
+        sharpness_rho=config.get("sharpness_rho"),
+        progress=False,
+    )
     result = res.to_dict()
     store.add(config, result)
     bar.update(1)
@@ -130,9 +146,20 @@ def _run(store, config, bar):
 
 
 def _config(experiment, method, seed, hyper, *, noise=0.0, validation=False, hessian=False):
-    return {"experiment": experiment, "method": method, "seed": seed, "data_seed": 0, "noise": noise,
-            "validation": validation, "hessian": hessian, "hyper": hyper,
-            "epochs": EPOCHS, "batch": BATCH, "model": MODEL, "samples": SAMPLES}
+    return {
+        "experiment": experiment,
+        "method": method,
+        "seed": seed,
+        "data_seed": 0,
+        "noise": noise,
+        "validation": validation,
+        "hessian": hessian,
+        "hyper": hyper,
+        "epochs": EPOCHS,
+        "batch": BATCH,
+        "model": MODEL,
+        "samples": SAMPLES,
+    }
 
 
 def search_configs():
@@ -142,6 +169,7 @@ def search_configs():
 
 def tuned(store) -> dict:
     """The chosen hyperparameters (after the search runs are in the store)."""
+
     def best(configs):
         scored = [(store.get(c)["result"]["test_accuracy"], -i, c) for i, c in enumerate(configs) if store.get(c)]
         return max(scored)[2]["hyper"] if scored else None
@@ -151,8 +179,12 @@ def tuned(store) -> dict:
     wsam = best(wsam_search(rho))
     gsam = best(gsam_search(rho))
     esam = best(esam_search())
-    return {"rho": rho, "wsam_gamma": wsam["wsam_gamma"] if wsam else 0.9,
-            "gsam_alpha": gsam["gsam_alpha"] if gsam else 0.3, "esam_rho": esam["rho"] if esam else rho}
+    return {
+        "rho": rho,
+        "wsam_gamma": wsam["wsam_gamma"] if wsam else 0.9,
+        "gsam_alpha": gsam["gsam_alpha"] if gsam else 0.3,
+        "esam_rho": esam["rho"] if esam else rho,
+    }
 
 
 def wsam_search(rho):
@@ -245,8 +277,14 @@ def collect(store, seeds):
     stats["m"] = {m: _stat(v) for m, v in rows["m"].items()}
     stats["averaging"] = {m: _stat(v) for m, v in rows["averaging"].items()}
     stats["adamw"] = {k: _stat(v) for k, v in rows["adamw"].items()}
-    runs = [store.get(c) for c in search_configs() + wsam_search(t["rho"]) + gsam_search(t["rho"]) + esam_search()
-            + main_configs(t, seeds)]
+    runs = [
+        store.get(c)
+        for c in search_configs()
+        + wsam_search(t["rho"])
+        + gsam_search(t["rho"])
+        + esam_search()
+        + main_configs(t, seeds)
+    ]
     stats["runs"] = sum(r is not None for r in runs)
     stats["train_minutes"] = sum(r["result"]["seconds"] for r in runs if r is not None) / 60
     return stats
@@ -254,50 +292,85 @@ def collect(store, seeds):
 
 def report_markdown(stats, seeds) -> str:
     t = stats["tuned"]
-    lines = [f"MNIST-1D (generated locally, 3200 train / 800 test), 1-D CNN, {EPOCHS} epochs, batch {BATCH}, "
-             f"SGD momentum 0.9 (lr 0.05, cosine) as every method's base; test accuracy in % on clean labels, "
-             f"mean ± std over {seeds} seeds (`python benchmarks/claims.py`, results in "
-             f"`benchmarks/results/claims/`). Tuned on a validation split: rho = {t['rho']}, "
-             f"WSAM gamma = {t['wsam_gamma']}, GSAM alpha = {t['gsam_alpha']}, ESAM rho = {t['esam_rho']} "
-             f"(beta = gamma = 0.5).", ""]
-    lines += [f"{stats['runs']} runs, {stats['train_minutes']:.0f} minutes of training in all (the sum of the "
-              f"per-run times in `runs.jsonl`, on 2 CPU cores); every seed trains on the same generated data "
-              f"and the same noisy labels (data seed 0), so the ± is over initialization and batch order.", ""]
+    lines = [
+        f"MNIST-1D (generated locally, 3200 train / 800 test), 1-D CNN, {EPOCHS} epochs, batch {BATCH}, "
+        f"SGD momentum 0.9 (lr 0.05, cosine) as every method's base; test accuracy in % on clean labels, "
+        f"mean ± std over {seeds} seeds (`python benchmarks/claims.py`, results in "
+        f"`benchmarks/results/claims/`). Tuned on a validation split: rho = {t['rho']}, "
+        f"WSAM gamma = {t['wsam_gamma']}, GSAM alpha = {t['gsam_alpha']}, ESAM rho = {t['esam_rho']} "
+        f"(beta = gamma = 0.5).",
+        "",
+    ]
+    lines += [
+        f"{stats['runs']} runs, {stats['train_minutes']:.0f} minutes of training in all (the sum of the "
+        f"per-run times in `runs.jsonl`, on 2 CPU cores); every seed trains on the same generated data "
+        f"and the same noisy labels (data seed 0), so the ± is over initialization and batch order.",
+        "",
+    ]
     gen = [m for m in GENERALIZATION if stats["noise"].get(m, {}).get("0.0")]
     sgd = stats["noise"].get("sgd", {}).get("0.0")
-    lines += ["**Generalization** (WSAM Tab. 2 shape), clean labels:", "",
-              "| method | test acc. | vs SGD |", "| --- | --- | --- |"]
+    lines += [
+        "**Generalization** (WSAM Tab. 2 shape), clean labels:",
+        "",
+        "| method | test acc. | vs SGD |",
+        "| --- | --- | --- |",
+    ]
     for m in gen:
         acc = stats["noise"][m]["0.0"]
         diff = "" if m == "sgd" or sgd is None else f"{100 * (acc['mean'] - sgd['mean']):+.1f}"
         lines.append(f"| {m} | {_fmt(acc)} | {diff} |")
-    lines += ["", "**Label noise** (SAM Tab. 4, WSAM Tab. 6 shape):", "",
-              "| method | " + " | ".join(f"{int(100 * n)}% noise" for n in NOISES) + " |",
-              "|" + " --- |" * (1 + len(NOISES))]
+    lines += [
+        "",
+        "**Label noise** (SAM Tab. 4, WSAM Tab. 6 shape):",
+        "",
+        "| method | " + " | ".join(f"{int(100 * n)}% noise" for n in NOISES) + " |",
+        "|" + " --- |" * (1 + len(NOISES)),
+    ]
     for m in NOISE_METHODS:
         d = stats["noise"].get(m, {})
         lines.append(f"| {m} | " + " | ".join(_fmt(d.get(str(n))) for n in NOISES) + " |")
-    lines += ["", "**Minima at 0% noise** (WSAM Tab. 9 shape): train loss, Hessian top eigenvalue, and the "
-              f"first-order sharpness L(w + rho g/|g|) - L(w) with rho = {t['rho']}:", "",
-              "| method | test acc. | train loss | lambda_max | sharpness |", "| --- | --- | --- | --- | --- |"]
+    lines += [
+        "",
+        "**Minima at 0% noise** (WSAM Tab. 9 shape): train loss, Hessian top eigenvalue, and the "
+        f"first-order sharpness L(w + rho g/|g|) - L(w) with rho = {t['rho']}:",
+        "",
+        "| method | test acc. | train loss | lambda_max | sharpness |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for m in NOISE_METHODS:
         d = stats["minima"].get(m)
         acc = stats["noise"].get(m, {}).get("0.0")
         if d:
-            lines.append(f"| {m} | {_fmt(acc)} | {_fmt(d['train_loss'], 1, 4)} | {_fmt(d['lambda_max'], 1, 2)} | "
-                         f"{_fmt(d['sharpness'], 1, 4)} |")
-    lines += ["", "**m-sharpness** (SAM Fig. 3 shape), SAM at batch 128:", "",
-              "| m | " + " | ".join(str(m) for m in MS) + " |", "|" + " --- |" * (1 + len(MS)),
-              "| test acc. | " + " | ".join(_fmt(stats["m"].get(str(m))) for m in MS) + " |"]
+            lines.append(
+                f"| {m} | {_fmt(acc)} | {_fmt(d['train_loss'], 1, 4)} | {_fmt(d['lambda_max'], 1, 2)} | "
+                f"{_fmt(d['sharpness'], 1, 4)} |"
+            )
+    lines += [
+        "",
+        "**m-sharpness** (SAM Fig. 3 shape), SAM at batch 128:",
+        "",
+        "| m | " + " | ".join(str(m) for m in MS) + " |",
+        "|" + " --- |" * (1 + len(MS)),
+        "| test acc. | " + " | ".join(_fmt(stats["m"].get(str(m))) for m in MS) + " |",
+    ]
     names = {"sgd": "last iterate (SGD)", "swa": "SWA", "ema": "EMA (0.99)", "lookahead": "Lookahead (slow)"}
-    lines += ["", "**Weight averaging** (same SGD base; SWA with its official schedule, averaging once per epoch "
-              "over the last quarter):", "",
-              "| " + " | ".join(names[m] for m in AVERAGING) + " |", "|" + " --- |" * len(AVERAGING),
-              "| " + " | ".join(_fmt(stats["averaging"].get(m)) for m in AVERAGING) + " |"]
-    lines += ["", f"**AdamW vs Adam + L2** (AdamW paper Fig. 2 shape; rows: learning rate, columns: normalized "
-              f"weight decay; {min(seeds, 2)} seeds):", "",
-              "| lr | " + " | ".join(f"AdamW wd={w} | Adam+L2 wd={w}" for w in ADAM_WDS) + " |",
-              "|" + " --- |" * (1 + 2 * len(ADAM_WDS))]
+    lines += [
+        "",
+        "**Weight averaging** (same SGD base; SWA with its official schedule, averaging once per epoch "
+        "over the last quarter):",
+        "",
+        "| " + " | ".join(names[m] for m in AVERAGING) + " |",
+        "|" + " --- |" * len(AVERAGING),
+        "| " + " | ".join(_fmt(stats["averaging"].get(m)) for m in AVERAGING) + " |",
+    ]
+    lines += [
+        "",
+        f"**AdamW vs Adam + L2** (AdamW paper Fig. 2 shape; rows: learning rate, columns: normalized "
+        f"weight decay; {min(seeds, 2)} seeds):",
+        "",
+        "| lr | " + " | ".join(f"AdamW wd={w} | Adam+L2 wd={w}" for w in ADAM_WDS) + " |",
+        "|" + " --- |" * (1 + 2 * len(ADAM_WDS)),
+    ]
     for lr in ADAM_LRS:
         cells = []
         for wd in ADAM_WDS:
@@ -318,8 +391,14 @@ def plots(stats, out: pathlib.Path):
         d = stats["noise"].get(m, {})
         xs = [n for n in NOISES if d.get(str(n))]
         if xs:
-            ax.errorbar([100 * n for n in xs], [100 * d[str(n)]["mean"] for n in xs],
-                        yerr=[100 * d[str(n)]["std"] for n in xs], label=m, capsize=3, marker="o")
+            ax.errorbar(
+                [100 * n for n in xs],
+                [100 * d[str(n)]["mean"] for n in xs],
+                yerr=[100 * d[str(n)]["std"] for n in xs],
+                label=m,
+                capsize=3,
+                marker="o",
+            )
     ax.set_xlabel("symmetric label noise (%)")
     ax.set_ylabel("clean test accuracy (%)")
     ax.set_title("label noise")
@@ -327,8 +406,13 @@ def plots(stats, out: pathlib.Path):
     ax = axes[1]
     ms = [m for m in MS if stats["m"].get(str(m))]
     if ms:
-        ax.errorbar(ms, [100 * stats["m"][str(m)]["mean"] for m in ms],
-                    yerr=[100 * stats["m"][str(m)]["std"] for m in ms], capsize=3, marker="o")
+        ax.errorbar(
+            ms,
+            [100 * stats["m"][str(m)]["mean"] for m in ms],
+            yerr=[100 * stats["m"][str(m)]["std"] for m in ms],
+            capsize=3,
+            marker="o",
+        )
     ax.set_xscale("log", base=2)
     ax.set_xlabel("m")
     ax.set_ylabel("test accuracy (%)")
@@ -338,8 +422,14 @@ def plots(stats, out: pathlib.Path):
         for i, lr in enumerate(ADAM_LRS):
             vals = [stats["adamw"].get(f"{method}|{lr}|{wd}") for wd in ADAM_WDS]
             ys = [100 * v["mean"] if v else float("nan") for v in vals]
-            ax.plot(range(len(ADAM_WDS)), ys, marker="o", ls="-" if j == 0 else "--",
-                    color=f"C{i}", label=f"{'AdamW' if j == 0 else 'Adam+L2'} lr={lr}")
+            ax.plot(
+                range(len(ADAM_WDS)),
+                ys,
+                marker="o",
+                ls="-" if j == 0 else "--",
+                color=f"C{i}",
+                label=f"{'AdamW' if j == 0 else 'Adam+L2'} lr={lr}",
+            )
     ax.set_xticks(range(len(ADAM_WDS)), [str(w) for w in ADAM_WDS])
     ax.set_xlabel("normalized weight decay")
     ax.set_ylabel("test accuracy (%)")

@@ -39,11 +39,11 @@ Targets: (a) a method at <= 1.10 x the base step that keeps >= 75% of SAM's accu
 (means over the seeds); (b) every scheduled method's measured cost within 0.05 of its predicted one.
 
 Run time (estimated from single runs timed on a shared 2-core machine, not from a full run): 43
-tuning runs and 36 test runs of 600-750 steps, about 5-15 s each, plus about 2 minutes of cost timing: about 15-20 minutes on 2 CPU
-cores. Every finished run is appended to ``runs.jsonl`` (the cost measurement is one row too); a
-rerun skips it. Runs of other settings (``--epochs``, ``--samples``) stay in the store; the report
-reads only the current settings'. Outputs in ``benchmarks/results/frontier/``: ``runs.jsonl``,
-``summary.json``, ``report.md``, ``frontier.png``.
+tuning runs and 36 test runs of 600-750 steps, about 5-15 s each, plus about 2 minutes of cost
+timing: about 15-20 minutes on 2 CPU cores. Every finished run is appended to ``runs.jsonl`` (the
+cost measurement is one row too); a rerun skips it. Runs of other settings (``--epochs``,
+``--samples``) stay in the store; the report reads only the current settings'. Outputs in
+``benchmarks/results/frontier/``: ``runs.jsonl``, ``summary.json``, ``report.md``, ``frontier.png``.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import claims  # noqa: E402  (the claims' setup and resumable store)
@@ -69,8 +69,25 @@ START, END = "<!-- frontier:start -->", "<!-- frontier:end -->"
 EPOCHS, BATCH, MODEL, SAMPLES = claims.EPOCHS, claims.BATCH, claims.MODEL, claims.SAMPLES
 VALIDATION = 640  # the last training examples, as claims.py
 
-METHODS = ("sgd", "sam", "wsam", "gsam", "asam", "esam", "looksam", "periodic", "rst", "ae_sam", "late_sam",
-           "ae_looksam", "msam", "rwp", "mrwp", "saf", "mesa")
+METHODS = (
+    "sgd",
+    "sam",
+    "wsam",
+    "gsam",
+    "asam",
+    "esam",
+    "looksam",
+    "periodic",
+    "rst",
+    "ae_sam",
+    "late_sam",
+    "ae_looksam",
+    "msam",
+    "rwp",
+    "mrwp",
+    "saf",
+    "mesa",
+)
 SCHEDULED = ("looksam", "periodic", "rst", "ae_sam", "late_sam", "ae_looksam")  # second pass on some steps only
 # method -> (Hyper field, grid). The SAM-like radii bracket claims.py's chosen rho 0.1 (rho 0.5 diverged there).
 GRIDS = {
@@ -112,8 +129,18 @@ class Settings(NamedTuple):
 
 
 def _config(s: Settings, experiment, method, seed, hyper, *, validation=False):
-    return {"experiment": experiment, "method": method, "seed": seed, "data_seed": 0, "validation": validation,
-            "hyper": hyper, "epochs": s.epochs, "batch": BATCH, "model": MODEL, "samples": s.samples}
+    return {
+        "experiment": experiment,
+        "method": method,
+        "seed": seed,
+        "data_seed": 0,
+        "validation": validation,
+        "hyper": hyper,
+        "epochs": s.epochs,
+        "batch": BATCH,
+        "model": MODEL,
+        "samples": s.samples,
+    }
 
 
 def sam_rho(store, s: Settings) -> float:
@@ -131,7 +158,7 @@ def search_configs(store, s: Settings, method) -> list:
     return [_config(s, "search", method, 0, dict(fixed, **{field: v}), validation=True) for v in grid]
 
 
-def _best(store, configs) -> Optional[dict]:
+def _best(store, configs) -> dict | None:
     """The hyper of the best validation accuracy (ties: the first in the grid)."""
     scored = [(store.get(c)["result"]["test_accuracy"], -i, c) for i, c in enumerate(configs) if store.get(c)]
     return max(scored, key=lambda t: t[:2])[2]["hyper"] if scored else None
@@ -187,18 +214,31 @@ def combine_late_phases(rows: dict, late_start: float) -> dict:
     f = 1.0 - late_start
     mix = lambda key: (1 - f) * base[key] + f * sam[key]  # noqa: E731
     rows = dict(rows)
-    rows["late_sam"] = {"ratio_to_base": mix("ratio_to_base"), "median_step_ms": mix("median_step_ms"),
-                        "second_pass_fraction": f, "predicted": 1 + f * (rows["sam"]["ratio_to_base"] - 1),
-                        "naive": 1 + f, "phases": {p: rows[p]["ratio_to_base"] for p in LATE_PHASES}}
+    rows["late_sam"] = {
+        "ratio_to_base": mix("ratio_to_base"),
+        "median_step_ms": mix("median_step_ms"),
+        "second_pass_fraction": f,
+        "predicted": 1 + f * (rows["sam"]["ratio_to_base"] - 1),
+        "naive": 1 + f,
+        "phases": {p: rows[p]["ratio_to_base"] for p in LATE_PHASES},
+    }
     return rows
 
 
 def cost_config(store, s: Settings) -> dict:
     t = tuned(store, s)
     hypers = {m: t.get(_recipe_name(m), {}) for m in cost_methods(s)}
-    return {"experiment": "cost", "methods": cost_methods(s), "hypers": hypers, "rounds": s.cost_rounds,
-            "steps_per_round": s.cost_steps, "epochs": s.epochs, "batch": BATCH, "model": MODEL,
-            "samples": s.samples}
+    return {
+        "experiment": "cost",
+        "methods": cost_methods(s),
+        "hypers": hypers,
+        "rounds": s.cost_rounds,
+        "steps_per_round": s.cost_steps,
+        "epochs": s.epochs,
+        "batch": BATCH,
+        "model": MODEL,
+        "samples": s.samples,
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -219,8 +259,15 @@ def _dataset(samples: int, validation: bool):
     if not validation:
         return data
     n = len(data.x_train) - min(VALIDATION, len(data.x_train) // 5)
-    return datasets.Dataset(data.name, data.x_train[:n], data.y_train[:n], data.x_train[n:], data.y_train_clean[n:],
-                            data.num_classes, data.y_train_clean[:n])
+    return datasets.Dataset(
+        data.name,
+        data.x_train[:n],
+        data.y_train[:n],
+        data.x_train[n:],
+        data.y_train_clean[n:],
+        data.num_classes,
+        data.y_train_clean[:n],
+    )
 
 
 def _run(store, config, bar):
@@ -230,9 +277,17 @@ def _run(store, config, bar):
         from sam_optax.experiments.methods import Hyper
 
         bar.set_postfix_str(f"{config['method']} seed {config['seed']} {config['hyper']}")
-        res = train_method(config["method"], _dataset(config["samples"], config["validation"]), model=MODEL,
-                           epochs=config["epochs"], batch_size=BATCH, hyper=Hyper(**config["hyper"]),
-                           seed=config["seed"], hessian=False, progress=False)
+        res = train_method(
+            config["method"],
+            _dataset(config["samples"], config["validation"]),
+            model=MODEL,
+            epochs=config["epochs"],
+            batch_size=BATCH,
+            hyper=Hyper(**config["hyper"]),
+            seed=config["seed"],
+            hessian=False,
+            progress=False,
+        )
         store.add(config, res.to_dict())
     bar.update(1)
 
@@ -271,8 +326,7 @@ def _cost_steps(config, ctx, spe):
         hp = Hyper(**config["hypers"][name])
         if name in LATE_PHASES:  # the whole run in one phase: SAM from a step after the last, or from 0
             hp = dataclasses.replace(hp, late_start=2.0 if name.endswith("base") else 0.0)
-        recipe = build_method(_recipe_name(name), hp, steps_per_epoch=spe,
-                              epochs=config["epochs"], seed=0)
+        recipe = build_method(_recipe_name(name), hp, steps_per_epoch=spe, epochs=config["epochs"], seed=0)
         init, step, get = training._make_step(recipe, ctx.loss_fn, ctx.per_example_loss, ctx)
         inits[name] = init
         two_pass[name] = recipe.geometry is not None and recipe.make_step is None
@@ -338,8 +392,10 @@ def cost_worker(config: dict, progress: bool = True, pin: bool = True) -> dict:
             info[name]["last"] = passes
         if progress and (r + 1) % 5 == 0:
             print(f"[cost] round {r + 1}/{config['rounds']}", flush=True)
-    rows = summarize_cost({m: info[m]["times"] for m in info},
-                          {m: [p / k for p in info[m]["passes"]] if two_pass[m] else None for m in info})
+    rows = summarize_cost(
+        {m: info[m]["times"] for m in info},
+        {m: [p / k for p in info[m]["passes"]] if two_pass[m] else None for m in info},
+    )
     for m in rows:
         rows[m]["warmup_s"] = info[m]["warmup_s"]
     late = config["hypers"].get(LATE_PHASES[0], {}).get("late_start", Hyper().late_start)
@@ -357,6 +413,7 @@ def summarize_cost(times: dict, fractions: dict, base: str = "sgd", sam: str = "
       >>> rows["p"]["ratio_to_base"], round(rows["p"]["predicted"], 3), rows["p"]["naive"]
       (1.2, 1.1, 1.1)
     """
+
     def paired(name):
         return statistics.median(a / b for a, b in zip(times[name], times[base]))
 
@@ -364,11 +421,15 @@ def summarize_cost(times: dict, fractions: dict, base: str = "sgd", sam: str = "
     rows = {}
     for name, ts in times.items():
         f = None if fractions.get(name) is None else statistics.fmean(fractions[name])
-        rows[name] = {"median_step_ms": 1e3 * statistics.median(ts), "ratio_to_base": paired(name),
-                      "second_pass_fraction": f,
-                      "predicted": None if f is None else 1 + f * (sam_ratio - 1),
-                      "naive": None if f is None else 1 + f, "times_ms": [1e3 * t for t in ts],
-                      "fractions": fractions.get(name)}
+        rows[name] = {
+            "median_step_ms": 1e3 * statistics.median(ts),
+            "ratio_to_base": paired(name),
+            "second_pass_fraction": f,
+            "predicted": None if f is None else 1 + f * (sam_ratio - 1),
+            "naive": None if f is None else 1 + f,
+            "times_ms": [1e3 * t for t in ts],
+            "fractions": fractions.get(name),
+        }
     return rows
 
 
@@ -385,14 +446,14 @@ def pareto_front(points: dict) -> list:
       >>> pareto_front({"a": (1.0, 0.80), "b": (2.0, 0.90), "c": (1.5, 0.78), "d": (1.1, 0.85)})
       ['a', 'd', 'b']
     """
+
     def beaten(c, a):
         return any((c2 <= c and a2 >= a) and (c2 < c or a2 > a) for c2, a2 in points.values())
 
     return sorted((n for n, (c, a) in points.items() if not beaten(c, a)), key=lambda n: points[n])
 
 
-def build_rows(s: Settings, t: dict, accs: dict, train_fractions: dict, cost: Optional[dict],
-               speeds: dict) -> list:
+def build_rows(s: Settings, t: dict, accs: dict, train_fractions: dict, cost: dict | None, speeds: dict) -> list:
     """One row per method (and ``periodic_cond``): tuned values, accuracy, cost and passes.
 
     The cost is the interleaved timing's ratio when ``cost`` (its rows) is given, else the
@@ -401,13 +462,26 @@ def build_rows(s: Settings, t: dict, accs: dict, train_fractions: dict, cost: Op
     names = list(s.methods) + (["periodic_cond"] if cost and "periodic_cond" in cost else [])
     for m in names:
         acc = stat(accs.get("periodic" if m == "periodic_cond" else m, []))
-        row = {"method": m, "hyper": t.get("periodic" if m == "periodic_cond" else m, {}), "accuracy": acc,
-               "train_second_pass_fraction": _mean(train_fractions.get(m)), "cost": None, "cost_source": None,
-               "second_pass_fraction": None, "predicted": None, "naive": None}
+        row = {
+            "method": m,
+            "hyper": t.get("periodic" if m == "periodic_cond" else m, {}),
+            "accuracy": acc,
+            "train_second_pass_fraction": _mean(train_fractions.get(m)),
+            "cost": None,
+            "cost_source": None,
+            "second_pass_fraction": None,
+            "predicted": None,
+            "naive": None,
+        }
         if cost and m in cost:
             c = cost[m]
-            row.update(cost=c["ratio_to_base"], cost_source="interleaved",
-                       second_pass_fraction=c["second_pass_fraction"], predicted=c["predicted"], naive=c["naive"])
+            row.update(
+                cost=c["ratio_to_base"],
+                cost_source="interleaved",
+                second_pass_fraction=c["second_pass_fraction"],
+                predicted=c["predicted"],
+                naive=c["naive"],
+            )
         elif speeds.get(m) and speeds.get("sgd"):
             row.update(cost=_mean(speeds["sgd"]) / _mean(speeds[m]), cost_source="training steps/s")
         rows.append(row)
@@ -444,13 +518,24 @@ def check_targets(rows: list) -> dict:
       (True, 'msam', 0.8, False)
     """
     by = {r["method"]: r for r in rows}
-    a = {"goal": f"cost <= {MAX_COST} x SGD and >= {MIN_GAIN:.0%} of SAM's gain over SGD", "value": None,
-         "method": None, "candidates": [], "met": None}
+    a = {
+        "goal": f"cost <= {MAX_COST} x SGD and >= {MIN_GAIN:.0%} of SAM's gain over SGD",
+        "value": None,
+        "method": None,
+        "candidates": [],
+        "met": None,
+    }
     if by.get("sgd", {}).get("accuracy") and by.get("sam", {}).get("accuracy"):
         sgd, sam = by["sgd"]["accuracy"]["mean"], by["sam"]["accuracy"]["mean"]
         if sam > sgd:
-            cheap = [r for r in rows if r["method"] not in ("sgd", "sam", "periodic_cond") and r["accuracy"]
-                     and r.get("cost") is not None and r["cost"] <= MAX_COST]
+            cheap = [
+                r
+                for r in rows
+                if r["method"] not in ("sgd", "sam", "periodic_cond")
+                and r["accuracy"]
+                and r.get("cost") is not None
+                and r["cost"] <= MAX_COST
+            ]
             kept = {r["method"]: (r["accuracy"]["mean"] - sgd) / (sam - sgd) for r in cheap}
             a["candidates"] = sorted(m for m, k in kept.items() if k >= MIN_GAIN)
             if kept:
@@ -463,8 +548,14 @@ def check_targets(rows: list) -> dict:
     for r in rows:
         if r["method"] in SCHEDULED + ("periodic_cond",) and r.get("predicted") is not None:
             diff = r["cost"] - r["predicted"]
-            b[r["method"]] = {"measured": r["cost"], "predicted": r["predicted"], "naive": r["naive"],
-                              "fraction": r["second_pass_fraction"], "diff": diff, "met": abs(diff) <= PRED_TOL}
+            b[r["method"]] = {
+                "measured": r["cost"],
+                "predicted": r["predicted"],
+                "naive": r["naive"],
+                "fraction": r["second_pass_fraction"],
+                "diff": diff,
+                "met": abs(diff) <= PRED_TOL,
+            }
     return {"a": a, "b": b}
 
 
@@ -489,10 +580,17 @@ def collect(store, s: Settings) -> dict:
             speeds.setdefault(c["method"], []).append(res.get("steps_per_second"))
     cost = store.get(cost_config(store, s))
     rows = build_rows(s, t, accs, fractions, cost["result"]["rows"] if cost else None, speeds)
-    return {"settings": s._asdict(), "tuned": t, "search": search, "rows": rows, "targets": check_targets(rows),
-            "cost_machine": cost["result"]["machine"] if cost else None,
-            "runs": sum(r is not None for r in runs), "runs_expected": len(runs),
-            "train_minutes": sum(r["result"]["seconds"] for r in runs if r) / 60}
+    return {
+        "settings": s._asdict(),
+        "tuned": t,
+        "search": search,
+        "rows": rows,
+        "targets": check_targets(rows),
+        "cost_machine": cost["result"]["machine"] if cost else None,
+        "runs": sum(r is not None for r in runs),
+        "runs_expected": len(runs),
+        "train_minutes": sum(r["result"]["seconds"] for r in runs if r) / 60,
+    }
 
 
 def _pct(x, digits=1):
@@ -507,27 +605,36 @@ def report_markdown(summary: dict) -> str:
     s = summary["settings"]
     rows = summary["rows"]
     source = {r["cost_source"] for r in rows if r["cost_source"]}
-    lines = [f"MNIST-1D (generated locally, {s['samples']} samples), 1-D CNN, {s['epochs']} epochs, batch {BATCH}, "
-             f"SGD momentum 0.9 (lr 0.05, cosine, L2 5e-4) as every method's base; test accuracy in %, mean ± std "
-             f"over {s['seeds']} seeds, each method's key value tuned on a validation split "
-             f"(`python benchmarks/frontier.py`, results in `benchmarks/results/frontier/`). Cost: the step's time "
-             f"as a ratio to the SGD step"
-             + (" (interleaved timing in one process, XLA on one CPU thread)" if source == {"interleaved"} else
-                " (from the training runs' steps/s, not interleaved: no cost timing saved)") + "; f: the "
-             f"fraction of steps that ran the second gradient pass; predicted: 1 + f (SAM/SGD - 1). "
-             f"{summary['runs']} of {summary['runs_expected']} training runs, {summary['train_minutes']:.0f} "
-             f"minutes of training.", "",
-             "| method | tuned | test acc. | vs SGD | cost (x SGD) | f | predicted | naive 1 + f | Pareto |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        f"MNIST-1D (generated locally, {s['samples']} samples), 1-D CNN, {s['epochs']} epochs, batch {BATCH}, "
+        f"SGD momentum 0.9 (lr 0.05, cosine, L2 5e-4) as every method's base; test accuracy in %, mean ± std "
+        f"over {s['seeds']} seeds, each method's key value tuned on a validation split "
+        f"(`python benchmarks/frontier.py`, results in `benchmarks/results/frontier/`). Cost: the step's time "
+        f"as a ratio to the SGD step"
+        + (
+            " (interleaved timing in one process, XLA on one CPU thread)"
+            if source == {"interleaved"}
+            else " (from the training runs' steps/s, not interleaved: no cost timing saved)"
+        )
+        + "; f: the "
+        f"fraction of steps that ran the second gradient pass; predicted: 1 + f (SAM/SGD - 1). "
+        f"{summary['runs']} of {summary['runs_expected']} training runs, {summary['train_minutes']:.0f} "
+        f"minutes of training.",
+        "",
+        "| method | tuned | test acc. | vs SGD | cost (x SGD) | f | predicted | naive 1 + f | Pareto |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in rows:
         acc = r["accuracy"]
         hyper = ", ".join(f"{k}={v}" for k, v in r["hyper"].items()) or "-"
         name = r["method"] + (" (cost only)" if r["method"] == "periodic_cond" else "")
         acc_text = "-" if not acc else f"{100 * acc['mean']:.1f} ± {100 * acc['std']:.1f}"
         gain = "" if r["method"] == "sgd" or r["gain_vs_sgd"] is None else f"{100 * r['gain_vs_sgd']:+.1f}"
-        lines.append(f"| {name} | {hyper} | {acc_text} | {gain} | {_num(r['cost'])} | "
-                     f"{_num(r['second_pass_fraction'])} | {_num(r['predicted'])} | {_num(r['naive'])} | "
-                     f"{'yes' if r['pareto'] else ''} |")
+        lines.append(
+            f"| {name} | {hyper} | {acc_text} | {gain} | {_num(r['cost'])} | "
+            f"{_num(r['second_pass_fraction'])} | {_num(r['predicted'])} | {_num(r['naive'])} | "
+            f"{'yes' if r['pareto'] else ''} |"
+        )
     lines += ["", *targets_markdown(summary["targets"])]
     return "\n".join(lines)
 
@@ -535,21 +642,29 @@ def report_markdown(summary: dict) -> str:
 def targets_markdown(targets: dict) -> list:
     met = {True: "yes", False: "NO", None: "-"}
     a = targets["a"]
-    value = "-" if a["method"] is None else (f"best at <= {MAX_COST}x: {a['method']}, "
-                                             f"{_pct(a['value'], 0)}% of SAM's gain")
-    lines = ["| target | value | goal | met |", "| --- | --- | --- | --- |",
-             f"| (a) cheap and good | {value}{'; ' + a['note'] if a.get('note') else ''} | {a['goal']} | "
-             f"{met[a['met']]} |"]
+    value = (
+        "-" if a["method"] is None else (f"best at <= {MAX_COST}x: {a['method']}, {_pct(a['value'], 0)}% of SAM's gain")
+    )
+    lines = [
+        "| target | value | goal | met |",
+        "| --- | --- | --- | --- |",
+        f"| (a) cheap and good | {value}{'; ' + a['note'] if a.get('note') else ''} | {a['goal']} | {met[a['met']]} |",
+    ]
     for m, b in targets["b"].items():
         goal = f"within {PRED_TOL}" if m != "periodic_cond" else "report only (the one-program form)"
-        lines.append(f"| (b) {m} | {b['measured']:.2f} measured vs {b['predicted']:.2f} predicted (naive "
-                     f"{b['naive']:.2f}; f = {b['fraction']:.2f}) | {goal} | "
-                     f"{met[b['met']] if m != 'periodic_cond' else '-'} |")
+        lines.append(
+            f"| (b) {m} | {b['measured']:.2f} measured vs {b['predicted']:.2f} predicted (naive "
+            f"{b['naive']:.2f}; f = {b['fraction']:.2f}) | {goal} | "
+            f"{met[b['met']] if m != 'periodic_cond' else '-'} |"
+        )
     if "periodic_cond" in targets["b"]:
-        lines += ["", "`periodic_cond` is periodic SAM as one program with the second pass under `lax.cond` "
-                  "(`second_pass=\"auto\"`, the default on GPU / TPU). On CPU the schedulers are trained as two "
-                  "programs picked on the host (`sam_optax.host_chosen_step`), because XLA:CPU runs a "
-                  "convolution's gradient inside a conditional on a slow path (jax-ml/jax#12868)."]
+        lines += [
+            "",
+            "`periodic_cond` is periodic SAM as one program with the second pass under `lax.cond` "
+            '(`second_pass="auto"`, the default on GPU / TPU). On CPU the schedulers are trained as two '
+            "programs picked on the host (`sam_optax.host_chosen_step`), because XLA:CPU runs a "
+            "convolution's gradient inside a conditional on a slow path (jax-ml/jax#12868).",
+        ]
     return lines
 
 
@@ -563,10 +678,22 @@ def plot(summary: dict, path: str) -> None:
     fig, ax = plt.subplots(figsize=(9, 5.5))
     for i, r in enumerate(rows):  # labels staggered: neighbours in cost get different heights
         hollow = r["method"] == "periodic_cond"
-        ax.errorbar(r["cost"], 100 * r["accuracy"]["mean"], yerr=100 * r["accuracy"]["std"], fmt="o", capsize=3,
-                    color="tab:red" if r["pareto"] else "tab:blue", mfc="none" if hollow else None)
-        ax.annotate(r["method"], (r["cost"], 100 * r["accuracy"]["mean"]), textcoords="offset points",
-                    xytext=(4, (6, -11, 15)[i % 3]), fontsize=8)
+        ax.errorbar(
+            r["cost"],
+            100 * r["accuracy"]["mean"],
+            yerr=100 * r["accuracy"]["std"],
+            fmt="o",
+            capsize=3,
+            color="tab:red" if r["pareto"] else "tab:blue",
+            mfc="none" if hollow else None,
+        )
+        ax.annotate(
+            r["method"],
+            (r["cost"], 100 * r["accuracy"]["mean"]),
+            textcoords="offset points",
+            xytext=(4, (6, -11, 15)[i % 3]),
+            fontsize=8,
+        )
     front = sorted((r["cost"], 100 * r["accuracy"]["mean"]) for r in rows if r["pareto"])
     if front:
         xs, ys = zip(*front)
@@ -574,8 +701,13 @@ def plot(summary: dict, path: str) -> None:
         ax.legend(loc="best")
     ax.margins(x=0.08, y=0.12)
     ax.set_xscale("log")
-    ticks = [t for t in (1, 1.1, 1.25, 1.5, 2, 3, 5, 10, 20, 50) if min(r["cost"] for r in rows or [{"cost": 1}]) * 0.9
-             <= t <= max(r["cost"] for r in rows or [{"cost": 1}]) * 1.1]
+    ticks = [
+        t
+        for t in (1, 1.1, 1.25, 1.5, 2, 3, 5, 10, 20, 50)
+        if min(r["cost"] for r in rows or [{"cost": 1}]) * 0.9
+        <= t
+        <= max(r["cost"] for r in rows or [{"cost": 1}]) * 1.1
+    ]
     ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
     ax.minorticks_off()
     ax.set_xlabel("step time / SGD step (log scale)")
@@ -645,19 +777,36 @@ def main(argv=None) -> int:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=_positive, default=3, help="seeds per method (default 3)")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, metavar="METHOD",
-                   help=f"from: {' '.join(METHODS)} (default: all)")
-    p.add_argument("--epochs", type=_positive, default=EPOCHS,
-                   help=f"epochs per run (default {EPOCHS}; 1: a smoke run)")
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=list(METHODS),
+        choices=METHODS,
+        metavar="METHOD",
+        help=f"from: {' '.join(METHODS)} (default: all)",
+    )
+    p.add_argument(
+        "--epochs", type=_positive, default=EPOCHS, help=f"epochs per run (default {EPOCHS}; 1: a smoke run)"
+    )
     p.add_argument("--samples", type=_positive, default=SAMPLES, help=f"MNIST-1D samples (default {SAMPLES})")
     p.add_argument("--report", action="store_true", help="only rebuild the report from saved runs")
-    p.add_argument("--skip-cost", action="store_true",
-                   help="no cost timing (the report then uses a saved one, else the training runs' steps/s)")
+    p.add_argument(
+        "--skip-cost",
+        action="store_true",
+        help="no cost timing (the report then uses a saved one, else the training runs' steps/s)",
+    )
     p.add_argument("--cost-rounds", type=_positive, default=COST_ROUNDS)
-    p.add_argument("--cost-steps", type=_positive, default=COST_STEPS,
-                   help="consecutive steps per method per round (a multiple of 10 covers whole periods)")
-    p.add_argument("--write-readme", action="store_true",
-                   help=f"also write the table into README.md between {START} and {END} (only if both are there)")
+    p.add_argument(
+        "--cost-steps",
+        type=_positive,
+        default=COST_STEPS,
+        help="consecutive steps per method per round (a multiple of 10 covers whole periods)",
+    )
+    p.add_argument(
+        "--write-readme",
+        action="store_true",
+        help=f"also write the table into README.md between {START} and {END} (only if both are there)",
+    )
     p.add_argument("--out", default=str(OUT), help="results folder (default benchmarks/results/frontier)")
     p.add_argument("--cost-worker", nargs=2, metavar=("CONFIG", "RESULT"), help=argparse.SUPPRESS)
     return p
@@ -673,7 +822,7 @@ def _positive(text: str) -> int:
     return value
 
 
-def stat(values) -> Optional[dict]:
+def stat(values) -> dict | None:
     """``{mean, std, n}`` (claims.py's)."""
     return claims._stat(list(values))
 

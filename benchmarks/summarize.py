@@ -16,9 +16,26 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "step_cost_cpu.json"
 START, END = "<!-- step-cost:start -->", "<!-- step-cost:end -->"
 # The order of the rows; methods in a results file but not here come after them.
-ROWS = ["base", "sam", "wsam", "gsam", "asam", "esam", "esam_skip", "esam_swp", "esam_sds", "looksam", "looksam_host",
-        "looksam_reuse", "sam_chunks", "sam_chunks_b4", "sam_chunks_vmap", "sam_chunks_unroll",
-        "contrib_opaque", "contrib_transparent"]
+ROWS = [
+    "base",
+    "sam",
+    "wsam",
+    "gsam",
+    "asam",
+    "esam",
+    "esam_skip",
+    "esam_swp",
+    "esam_sds",
+    "looksam",
+    "looksam_host",
+    "looksam_reuse",
+    "sam_chunks",
+    "sam_chunks_b4",
+    "sam_chunks_vmap",
+    "sam_chunks_unroll",
+    "contrib_opaque",
+    "contrib_transparent",
+]
 
 
 def summary(path=RESULTS) -> str:
@@ -27,17 +44,27 @@ def summary(path=RESULTS) -> str:
     models = list(res["models"])
     rows = _rows(res)
     out = [_header(res, pathlib.Path(path).name), ""]
-    out += _table(["step"] + [f"{x}: {c}" for x in models for c in ("x base", "x SAM", "x contrib")],
-                  [[row] + [c for x in models for c in _ratios(res["models"][x]["methods"].get(row))]
-                   for row in rows])
-    out += ["", "XLA's cost analysis and memory of the compiled steps (per step; LookSAM counts both branches of "
-                "its cond; peak: inputs + temporaries + outputs not aliased; device peak: the allocator's "
-                "high-water mark, `-` where the step did not raise it or on CPU), and compile times:", ""]
+    out += _table(
+        ["step"] + [f"{x}: {c}" for x in models for c in ("x base", "x SAM", "x contrib")],
+        [[row] + [c for x in models for c in _ratios(res["models"][x]["methods"].get(row))] for row in rows],
+    )
+    out += [
+        "",
+        "XLA's cost analysis and memory of the compiled steps (per step; LookSAM counts both branches of "
+        "its cond; peak: inputs + temporaries + outputs not aliased; device peak: the allocator's "
+        "high-water mark, `-` where the step did not raise it or on CPU), and compile times:",
+        "",
+    ]
     cols = ("FLOPs x SAM", "bytes x SAM", "peak x SAM", "device peak MB", "compile s")
-    out += _table(["step"] + [f"{x}: {c}" for x in models for c in cols],
-                  [[row] + [c for x in models for c in _costs(res["models"][x]["methods"], row)] for row in rows])
-    out += ["", "Targets (`-`: not measured; *report only*: the target does not apply to this model on this "
-                "backend):", ""]
+    out += _table(
+        ["step"] + [f"{x}: {c}" for x in models for c in cols],
+        [[row] + [c for x in models for c in _costs(res["models"][x]["methods"], row)] for row in rows],
+    )
+    out += [
+        "",
+        "Targets (`-`: not measured; *report only*: the target does not apply to this model on this backend):",
+        "",
+    ]
     keys = list(dict.fromkeys(k for x in models for k in res["models"][x]["targets"]))
     body = []
     for key in keys:
@@ -52,18 +79,25 @@ def _header(res, name) -> str:
     if m["backend"] == "cpu":
         where = f"{m['cpu_count']} CPU cores ({m['platform']}, jax {m['jax']}), XLA threads: {s.get('threads', 'all')}"
     else:
-        where = (f"{m['devices']} x {m['device']} ({m['backend']}, jax {m['jax']}; host: {m['cpu_count']} CPU cores, "
-                 f"{m['platform']})")
+        where = (
+            f"{m['devices']} x {m['device']} ({m['backend']}, jax {m['jax']}; host: {m['cpu_count']} CPU cores, "
+            f"{m['platform']})"
+        )
     batches = ", ".join(f"{x} {r.get('batch_size', s.get('batch_size'))}" for x, r in res["models"].items())
     conv = s.get("convnet")
-    conv = (f"; convnet widths {'-'.join(map(str, conv['widths']))}, {conv['blocks']} block(s) per stage, "
-            f"{res['models']['convnet']['param_count'] / 1e6:.2f}M params" if conv and "convnet" in res["models"]
-            else "")
+    conv = (
+        f"; convnet widths {'-'.join(map(str, conv['widths']))}, {conv['blocks']} block(s) per stage, "
+        f"{res['models']['convnet']['param_count'] / 1e6:.2f}M params"
+        if conv and "convnet" in res["models"]
+        else ""
+    )
     rounds = ", ".join(f"{x} {r['rounds_done']}" for x, r in res["models"].items() if r.get("rounds_done") is not None)
     incomplete = "" if res.get("complete", True) else " Incomplete run."
-    return (f"Measured with `sam-optax bench` on {where}; batch: {batches}{conv}; up to {s['rounds']} interleaved "
-            f"rounds of {s['steps_per_round']} steps (done: {rounds}), ratios as medians of the per-round ratios "
-            f"(`benchmarks/results/{name}`).{incomplete}")
+    return (
+        f"Measured with `sam-optax bench` on {where}; batch: {batches}{conv}; up to {s['rounds']} interleaved "
+        f"rounds of {s['steps_per_round']} steps (done: {rounds}), ratios as medians of the per-round ratios "
+        f"(`benchmarks/results/{name}`).{incomplete}"
+    )
 
 
 def _rows(res) -> list:
@@ -88,10 +122,13 @@ def _costs(t, row) -> list:
     sam = t["sam"]
     dev = (r.get("device_memory") or {}).get("device_peak_bytes")
     peak = r.get("peak_ratio_to_sam")
-    return [f"{r['flops'] / sam['flops']:.2f}" if sam["flops"] else "-",
-            f"{r['bytes_accessed'] / sam['bytes_accessed']:.2f}" if sam["bytes_accessed"] else "-",
-            "-" if peak is None else f"{peak:.2f}", "-" if dev is None else f"{dev / 1e6:.1f}",
-            f"{r['compile_s']:.1f}"]
+    return [
+        f"{r['flops'] / sam['flops']:.2f}" if sam["flops"] else "-",
+        f"{r['bytes_accessed'] / sam['bytes_accessed']:.2f}" if sam["bytes_accessed"] else "-",
+        "-" if peak is None else f"{peak:.2f}",
+        "-" if dev is None else f"{dev / 1e6:.1f}",
+        f"{r['compile_s']:.1f}",
+    ]
 
 
 def _verdict(chk) -> str:

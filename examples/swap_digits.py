@@ -28,7 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import sam_optax
 from sam_optax import averaging, geometry
@@ -75,8 +76,9 @@ def run(
     params, stats = variables["params"], variables["batch_stats"]
 
     def loss(params, batch, stats):
-        logits, new = model.apply({"params": params, "batch_stats": stats}, batch["x"], train=True,
-                                  mutable=["batch_stats"])
+        logits, new = model.apply(
+            {"params": params, "batch_stats": stats}, batch["x"], train=True, mutable=["batch_stats"]
+        )
         return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean(), new["batch_stats"]
 
     @jax.jit
@@ -100,7 +102,7 @@ def run(
     while phase1_done < phase1_steps:
         perm = rng.permutation(len(xtr))
         for j in range(steps_per_epoch):
-            idx = perm[j * large_batch:(j + 1) * large_batch]
+            idx = perm[j * large_batch : (j + 1) * large_batch]
             params, stats, opt1 = step1(params, stats, opt1, {"x": xtr[idx], "y": ytr[idx]})
             phase1_done += 1
         if float(accuracy(params, stats, xtr, ytr)) >= phase1_target_accuracy:
@@ -113,20 +115,27 @@ def run(
 
     def replica_step(params, stats, opt_state, batch):
         out = sa_grad(params, batch, stats)
-        u, opt_state = tx2.update(out.grads, opt_state, params, perturbed_grads=out.perturbed_grads,
-                                  clean_grads=out.grads)
+        u, opt_state = tx2.update(
+            out.grads, opt_state, params, perturbed_grads=out.perturbed_grads, clean_grads=out.grads
+        )
         return optax.apply_updates(params, u), out.aux, opt_state
 
     step2 = jax.jit(jax.vmap(replica_step))
     rparams = averaging.replicate(params, replicas)
     rstats = averaging.replicate(stats, replicas)
     ropt = jax.vmap(tx2.init)(rparams)
-    place = lambda tree: tree
+
+    def place(tree):
+        return tree
+
     if mesh:
         if jax.device_count() < replicas:
             raise ValueError(f"--mesh needs {replicas} devices, found {jax.device_count()}.")
         sharding = NamedSharding(Mesh(np.array(jax.devices()[:replicas]), ("replica",)), P("replica"))
-        place = lambda tree: jax.device_put(tree, sharding)
+
+        def place(tree):
+            return jax.device_put(tree, sharding)
+
         rparams, rstats, ropt = place(rparams), place(rstats), place(ropt)
     # each replica its own data order: its own generator, reshuffled every epoch
     orders = [np.random.default_rng(1000 * (seed + 1) + r) for r in range(replicas)]
@@ -136,13 +145,16 @@ def run(
         j = t % per_epoch
         if j == 0 and t > 0:
             perms = [o.permutation(len(xtr)) for o in orders]
-        idx = np.stack([p[j * small_batch:(j + 1) * small_batch] for p in perms])  # (W, b)
+        idx = np.stack([p[j * small_batch : (j + 1) * small_batch] for p in perms])  # (W, b)
         rparams, rstats, ropt = step2(rparams, rstats, ropt, place({"x": xtr[idx], "y": ytr[idx]}))
 
     # ---- phase 3: average, then recompute BatchNorm statistics for the average ----------------
     swap_params = averaging.average_replicas(rparams)
-    forward = lambda v, b: model.apply(v, b["x"], train=True, mutable=["batch_stats"])
-    bn_batches = [{"x": xtr[i:i + 200]} for i in range(0, len(xtr), 200)]
+
+    def forward(v, b):
+        return model.apply(v, b["x"], train=True, mutable=["batch_stats"])
+
+    bn_batches = [{"x": xtr[i : i + 200]} for i in range(0, len(xtr), 200)]
     swap_stats = averaging.recompute_batch_stats(forward, {"params": swap_params, "batch_stats": stats}, bn_batches)
 
     replica_acc = jax.vmap(accuracy, in_axes=(0, 0, None, None))(rparams, rstats, xte, yte)
@@ -167,12 +179,19 @@ def main(argv=None):
     parser.add_argument("--mesh", action="store_true", help="lay the replicas out on a device mesh axis")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    res = run(replicas=args.replicas, phase1_steps=args.phase1_steps, phase2_steps=args.phase2_steps,
-              mesh=args.mesh, seed=args.seed)
+    res = run(
+        replicas=args.replicas,
+        phase1_steps=args.phase1_steps,
+        phase2_steps=args.phase2_steps,
+        mesh=args.mesh,
+        seed=args.seed,
+    )
     print(f"phase 1 ({res['phase1_steps']} large-batch steps): test accuracy {res['phase1_accuracy']:.4f}")
     print("phase 2 replicas:        test accuracy " + " ".join(f"{a:.4f}" for a in res["replica_accuracies"]))
-    print(f"phase 3 SWAP average:    test accuracy {res['swap_accuracy']:.4f} (BatchNorm recomputed), "
-          f"{res['swap_accuracy_replica_mean_stats']:.4f} (replicas' mean statistics)")
+    print(
+        f"phase 3 SWAP average:    test accuracy {res['swap_accuracy']:.4f} (BatchNorm recomputed), "
+        f"{res['swap_accuracy_replica_mean_stats']:.4f} (replicas' mean statistics)"
+    )
 
 
 if __name__ == "__main__":

@@ -27,7 +27,10 @@ with any rule; :mod:`sam_optax.experiments` holds the small reproducible
 experiments behind the ``sam-optax`` command.
 """
 
-from sam_optax import averaging, data, decay, geometry, metrics, rules
+# Submodules only import sam_optax._utils and each other, never this package's
+# namespace, so the order of these imports does not matter (isort order).
+from sam_optax import averaging, data, decay, geometry, metrics, one_pass, rules, swp, trajectory
+from sam_optax._host import host_chosen_step
 from sam_optax.averaging import (
     average_replicas,
     ema_params,
@@ -43,45 +46,42 @@ from sam_optax.averaging import (
     weight_ema,
 )
 from sam_optax.decay import adamw, decoupled_weight_decay, sgdw
+from sam_optax.one_object import SharpnessAwareTxState, sharpness_aware
+
+# One-pass perturbations: MSAM, ARWP at 1x cost.
+from sam_optax.one_pass import (
+    mrwp_grad,
+    mrwp_step,
+    msam_adamw,
+    msam_perturbed,
+    msam_sgd,
+    msam_unperturbed,
+    rwp_grad,
+    rwp_step,
+)
 from sam_optax.rules import (
     LookSAMState,
     SharpnessRuleState,
     accumulate,
-    apply_to_both,
-    check_placement,
-    skip_nonfinite,
-    gsam,
-    gsam_rho_schedule,
-    looksam,
-    looksam_full_step,
     adaptive_looksam,
     adaptive_policy,
+    apply_to_both,
+    check_placement,
+    gsam,
+    gsam_rho_schedule,
     late_phase,
+    looksam,
+    looksam_full_step,
     looksam_schedule,
     periodic,
     randomized,
     sam,
     sharpness_rule,
+    skip_nonfinite,
     wsam,
 )
-from sam_optax.one_object import SharpnessAwareTxState, sharpness_aware
 from sam_optax.train import SharpnessAwareState, plain_step, sharpness_aware_step
-from sam_optax._host import host_chosen_step
 from sam_optax.two_pass import SharpnessAwareGrads, sharpness_aware_grad
-from sam_optax import swp  # noqa: E402  (after two_pass and train: it builds on them)
-# One-pass perturbations: MSAM, ARWP at 1x cost.
-from sam_optax import one_pass  # noqa: E402
-from sam_optax import trajectory  # noqa: E402
-from sam_optax.one_pass import (  # noqa: E402
-    msam_adamw,
-    msam_perturbed,
-    msam_sgd,
-    msam_unperturbed,
-    mrwp_grad,
-    mrwp_step,
-    rwp_grad,
-    rwp_step,
-)
 
 __version__ = "0.1.0"
 
@@ -93,6 +93,7 @@ def __getattr__(name):
 
         return importlib.import_module(f"sam_optax.{name}")
     raise AttributeError(f"module 'sam_optax' has no attribute {name!r}")
+
 
 __all__ = [
     "host_chosen_step",

@@ -31,7 +31,7 @@ def nonneg_float(text: str) -> float:
 
 
 def seed(text: str) -> int:
-    return _int_in(text, 0, 2 ** 32 - 1, "an integer in [0, 2**32 - 1]")
+    return _int_in(text, 0, 2**32 - 1, "an integer in [0, 2**32 - 1]")
 
 
 def fraction(text: str) -> float:

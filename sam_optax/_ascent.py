@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +14,7 @@ from sam_optax.geometry import AscentGeometry
 
 def project(geometry: AscentGeometry, eps: Any, grads: Any, params: Any, radius: jax.Array) -> Any:
     """Radial rescaling of ``eps`` back onto the ball of ``radius`` (of the geometry's norm)."""
+    assert geometry.norm is not None  # two_pass._check_args: ascent_steps > 1 needs a norm
     r = geometry.norm(eps, grads, params)
     scale = jnp.where(r > radius, radius / jnp.where(r > 0, r, 1.0), 1.0)
     return jax.tree.map(lambda x: scale * x, eps)
@@ -39,6 +41,7 @@ def refine(
     ball of the radius of ``eps``; ``grad_at(perturbed params) -> grads`` is one
     gradient pass, so the ascent costs ``steps - 1`` passes beyond the first.
     """
+    assert geometry.norm is not None  # two_pass._check_args: ascent_steps > 1 needs a norm
     radius = geometry.norm(eps, grads, params)
     eps = project(geometry, jax.tree.map(lambda x: step_size * x, eps), grads, params, radius)
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import optax
@@ -18,8 +19,8 @@ from sam_optax.two_pass import SharpnessAwareGrads, _mean_loss
 def host_chosen_step(
     loss_fn: Callable[..., Any],
     tx: optax.GradientTransformation,
-    geometry: Optional[AscentGeometry] = None,
-    data: Optional[DataAxis] = None,
+    geometry: AscentGeometry | None = None,
+    data: DataAxis | None = None,
     *,
     has_aux: bool = False,
     donate: bool = True,
@@ -72,8 +73,10 @@ def host_chosen_step(
     geometry = l2(0.05) if geometry is None else geometry
     init, sa_step = sharpness_aware_step(loss_fn, tx, geometry, data, has_aux=has_aux)
     donation = (0, 1) if donate else ()
-    programs = {flag: jax.jit(lambda p, s, b, *a, flag=flag: sa_step(p, s, b, *a, second_pass=flag),
-                              donate_argnums=donation) for flag in (True, False)}
+    programs = {
+        flag: jax.jit(lambda p, s, b, *a, flag=flag: sa_step(p, s, b, *a, second_pass=flag), donate_argnums=donation)
+        for flag in (True, False)
+    }
     clean, finish = _split_programs(loss_fn, tx, geometry, data, has_aux, donate)
 
     readers: dict = {}  # per state structure: where the flag is (found once; a tree search costs ~0.5 ms)
@@ -90,11 +93,11 @@ def host_chosen_step(
         step.last_second_pass = read(state.opt_state)
         return programs[step.last_second_pass](params, state, batch, *args)
 
-    step.last_second_pass = None
+    step.last_second_pass = None  # type: ignore[attr-defined]  # an attribute set on a function
     return init, step
 
 
-def _flag_reader(opt_state: Any) -> Optional[Callable[[Any], bool]]:
+def _flag_reader(opt_state: Any) -> Callable[[Any], bool] | None:
     """``opt_state -> bool`` reading the schedule's flag by its leaf index, ``None`` for
     AE-SAM's decision (a callable of the clean gradient)."""
     flag = scheduled_second_pass(opt_state)
@@ -124,9 +127,11 @@ def _split_programs(loss_fn, tx, geometry, data, has_aux, donate):
             gp, ploss = out.grads, out.loss
             if second:
                 (ploss, _), gp = jax.value_and_grad(fn, has_aux=True)(
-                    _utils.add_perturbation(params, eps), batch, *args)
-            updates, opt_state = tx.update(out.grads, state.opt_state, params, perturbed_grads=gp,
-                                           clean_grads=out.grads)
+                    _utils.add_perturbation(params, eps), batch, *args
+                )
+            updates, opt_state = tx.update(
+                out.grads, state.opt_state, params, perturbed_grads=gp, clean_grads=out.grads
+            )
             out = out._replace(perturbed_grads=gp, perturbed_loss=ploss, ascent_state=ascent_state)
             return optax.apply_updates(params, updates), SharpnessAwareState(opt_state, ascent_state), out
 
@@ -135,9 +140,14 @@ def _split_programs(loss_fn, tx, geometry, data, has_aux, donate):
     return jax.jit(clean), {True: make_finish(True), False: make_finish(False)}
 
 
-def _check_one_shard(data: Optional[DataAxis]) -> None:
-    if data is not None and (data.m is not None or data.axis_name or data.mesh is not None
-                             or data.microbatch_size is not None or data.selection is not None):
+def _check_one_shard(data: DataAxis | None) -> None:
+    if data is not None and (
+        data.m is not None
+        or data.axis_name
+        or data.mesh is not None
+        or data.microbatch_size is not None
+        or data.selection is not None
+    ):
         raise ValueError(
             "host_chosen_step with AE-SAM's decision (adaptive_policy) needs one shard per device: "
             "data=None or shards() without m, axis_name, mesh, microbatch_size or selection."

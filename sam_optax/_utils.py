@@ -5,14 +5,14 @@ from __future__ import annotations
 import functools
 import math
 import numbers
-from typing import Any, Union
+from typing import Any, TypeAlias, TypeGuard, cast
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-ScalarOrSchedule = Union[float, jax.Array, optax.Schedule]
+ScalarOrSchedule: TypeAlias = float | jax.Array | optax.Schedule
 
 
 # --------------------------------------------------------------------------
@@ -227,9 +227,7 @@ def check_int(
         raise ValueError(f"{name} must be {interval}, got {_short(value)}.")
 
 
-def check_positive_int(
-    name: str, value: Any, *, allow_none: bool = False, high: int | None = INT32_MAX
-) -> None:
+def check_positive_int(name: str, value: Any, *, allow_none: bool = False, high: int | None = INT32_MAX) -> None:
     """:func:`check_int` with ``low=1``: Python / numpy integers ``>= 1`` (and ``<= high``)."""
     check_int(name, value, low=1, high=high, allow_none=allow_none)
 
@@ -297,7 +295,7 @@ def tree_sum(tree: Any) -> jax.Array:
     leaves = jax.tree.leaves(tree)
     if not leaves:
         return jnp.zeros((), jnp.float32)
-    return sum(jnp.sum(x) for x in leaves)
+    return cast(jax.Array, sum(jnp.sum(x) for x in leaves))
 
 
 def safe_divisor(x: jax.Array) -> jax.Array:
@@ -387,9 +385,7 @@ def tree_vdot(a: Any, b: Any) -> jax.Array:
 
 def add_perturbation(params: Any, perturbation: Any) -> Any:
     """``params + perturbation`` computed in float32, returned in the params' dtypes."""
-    return jax.tree.map(
-        lambda p, e: (to_compute(p) + e).astype(jnp.asarray(p).dtype), params, perturbation
-    )
+    return jax.tree.map(lambda p, e: (to_compute(p) + e).astype(jnp.asarray(p).dtype), params, perturbation)
 
 
 def is_masked_node(x: Any) -> bool:
@@ -403,9 +399,7 @@ def mask_like(template: Any, tree: Any) -> Any:
     (which hand it a tree with ``MaskedNode`` leaves) can read a full-size extra
     argument such as ``perturbed_grads``.
     """
-    return jax.tree.map(
-        lambda t, x: t if is_masked_node(t) else x, template, tree, is_leaf=is_masked_node
-    )
+    return jax.tree.map(lambda t, x: t if is_masked_node(t) else x, template, tree, is_leaf=is_masked_node)
 
 
 # --------------------------------------------------------------------------
@@ -415,7 +409,7 @@ def mask_like(template: Any, tree: Any) -> Any:
 # --------------------------------------------------------------------------
 
 
-def is_traced(value: Any) -> bool:
+def is_traced(value: Any) -> TypeGuard[jax.Array]:
     """Whether ``value`` is a tracer (its value is unknown while tracing)."""
     return isinstance(value, jax.core.Tracer)
 

@@ -42,9 +42,8 @@ false``) and exits with status 130.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import contextlib
+import os
 import platform
 import signal
 import statistics
@@ -52,7 +51,8 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any, Callable, NamedTuple, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -77,8 +77,8 @@ class Target(NamedTuple):
 
     limit: float
     ref: str
-    row: Optional[str] = None
-    cpu_models: Optional[tuple[str, ...]] = None
+    row: str | None = None
+    cpu_models: tuple[str, ...] | None = None
 
 
 # One line per target (issue 12 and the earlier ones). A method added below gets a target here.
@@ -98,12 +98,16 @@ TARGETS = {
     "sam_vs_contrib": Target(0.95, "contrib_opaque", row="sam"),
     "sam_extra_memory": Target(1.2, "param_bytes", row="sam"),
 }
-_REF_FIELD = {"base": "ratio_to_base", "sam": "ratio_to_sam", "contrib_opaque": "ratio_to_contrib_opaque",
-              "param_bytes": "extra_peak_over_base_in_param_bytes"}
+_REF_FIELD = {
+    "base": "ratio_to_base",
+    "sam": "ratio_to_sam",
+    "contrib_opaque": "ratio_to_contrib_opaque",
+    "param_bytes": "extra_peak_over_base_in_param_bytes",
+}
 DEFAULT_BATCH = {"mlp": 128, "cnn": 128, "convnet": 64}
 MODELS = tuple(DEFAULT_BATCH)
-CONVNET_CPU = {"widths": (16, 32, 64), "blocks": 1}
-RESNET18 = {"widths": (64, 128, 256, 512), "blocks": 2}
+CONVNET_CPU: dict[str, Any] = {"widths": (16, 32, 64), "blocks": 1}
+RESNET18: dict[str, Any] = {"widths": (64, 128, 256, 512), "blocks": 2}
 REQUIRED = ("base", "sam", "contrib_opaque")  # the references of the ratios: never skipped
 
 
@@ -113,11 +117,10 @@ class Method(NamedTuple):
     init: Callable  # params -> opt_state
     steps_per_call: int = 1  # updates per timed call (LookSAM: a whole period)
     updates_per_sam: float = 1.0  # calls that make one SAM update (contrib transparent: 2)
-    jitted: Optional[Callable] = None  # the jitted step to compile (when `step` is a host loop)
+    jitted: Callable | None = None  # the jitted step to compile (when `step` is a host loop)
 
 
-def resnet(widths: Sequence[int] = CONVNET_CPU["widths"], blocks: int = CONVNET_CPU["blocks"],
-           num_classes: int = 10):
+def resnet(widths: Sequence[int] = CONVNET_CPU["widths"], blocks: int = CONVNET_CPU["blocks"], num_classes: int = 10):
     r"""A ResNet-style 2-D convnet (Flax Linen) with GroupNorm, for 32x32x3 inputs.
 
     A stem (conv 3x3, GroupNorm, relu), then one stage per width of ``blocks``
@@ -183,7 +186,7 @@ def resnet(widths: Sequence[int] = CONVNET_CPU["widths"], blocks: int = CONVNET_
     return ResNet()
 
 
-def _models(batch_sizes: dict, seed: int, convnet: Optional[dict] = None):
+def _models(batch_sizes: dict, seed: int, convnet: dict | None = None):
     """``{name: (model, batch)}`` for the models in ``batch_sizes``; synthetic data from ``seed``."""
     import flax.linen as nn
 
@@ -215,6 +218,7 @@ def _models(batch_sizes: dict, seed: int, convnet: Optional[dict] = None):
 
 def _methods(model, lr: float, rho: float, batch_size: int) -> list[Method]:
     """Every method's step; the SAM family one line each (``add(name, rule, geometry, **step kwargs)``)."""
+
     def per_example(params, batch):
         logits = model.apply({"params": params}, batch["x"])
         return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"])
@@ -291,9 +295,11 @@ def _looksam_methods(make, base, rho, k: int = 5) -> list[Method]:
             params, opt_state, value = reuse.step(params, opt_state, batch)
         return params, opt_state, value
 
-    return [cond._replace(step=period, steps_per_call=k, jitted=cond.step),
-            Method("looksam_host", host_period, cond.init, steps_per_call=k, jitted=full_step),
-            reuse]
+    return [
+        cond._replace(step=period, steps_per_call=k, jitted=cond.step),
+        Method("looksam_host", host_period, cond.init, steps_per_call=k, jitted=full_step),
+        reuse,
+    ]
 
 
 def _contrib_methods(loss, base, rho) -> list[Method]:
@@ -314,9 +320,15 @@ def _contrib_methods(loss, base, rho) -> list[Method]:
         return optax.apply_updates(params, updates), opt_state, value
 
     # its state caches the params themselves: copy them, or donation would donate a buffer twice
-    return [Method("contrib_opaque", jax.jit(contrib_opaque, donate_argnums=(0, 1)), opaque.init),
-            Method("contrib_transparent", jax.jit(contrib_transparent, donate_argnums=(0, 1)),
-                   lambda p: jax.tree.map(jnp.copy, transparent.init(p)), updates_per_sam=0.5)]
+    return [
+        Method("contrib_opaque", jax.jit(contrib_opaque, donate_argnums=(0, 1)), opaque.init),
+        Method(
+            "contrib_transparent",
+            jax.jit(contrib_transparent, donate_argnums=(0, 1)),
+            lambda p: jax.tree.map(jnp.copy, transparent.init(p)),
+            updates_per_sam=0.5,
+        ),
+    ]
 
 
 def _memory(compiled) -> dict:
@@ -335,7 +347,7 @@ def _memory(compiled) -> dict:
     return out
 
 
-def _device_memory() -> Optional[dict]:
+def _device_memory() -> dict | None:
     """``{'bytes_in_use', 'peak_bytes_in_use'}`` of the first device, or ``None`` (CPU: no ``memory_stats``)."""
     try:
         stats = jax.devices()[0].memory_stats()
@@ -346,7 +358,7 @@ def _device_memory() -> Optional[dict]:
     return {"bytes_in_use": int(stats.get("bytes_in_use", 0)), "peak_bytes_in_use": int(stats["peak_bytes_in_use"])}
 
 
-def device_step_peak(before: Optional[dict], after: Optional[dict]) -> Optional[dict]:
+def device_step_peak(before: dict | None, after: dict | None) -> dict | None:
     r"""A method's own device peak from the allocator's high-water mark, read around its state and warm-up.
 
     With :math:`u_0` the bytes in use before the method's state was made,
@@ -367,8 +379,11 @@ def device_step_peak(before: Optional[dict], after: Optional[dict]) -> Optional[
         return None
     rose = after["peak_bytes_in_use"] > before["peak_bytes_in_use"]
     bound = after["peak_bytes_in_use"] - before["bytes_in_use"]
-    return {"device_peak_bytes": bound if rose else None, "upper_bound_bytes": bound,
-            "high_water_mark_bytes": after["peak_bytes_in_use"]}
+    return {
+        "device_peak_bytes": bound if rose else None,
+        "upper_bound_bytes": bound,
+        "high_water_mark_bytes": after["peak_bytes_in_use"],
+    }
 
 
 def _machine() -> dict:
@@ -389,7 +404,7 @@ def _machine() -> dict:
     }
 
 
-def batch_sizes(models: Sequence[str], batch_size: Optional[int] = None) -> dict:
+def batch_sizes(models: Sequence[str], batch_size: int | None = None) -> dict:
     """The batch of each model: ``batch_size`` for all, or each model's default (:data:`DEFAULT_BATCH`).
 
     Examples:
@@ -410,14 +425,14 @@ def batch_sizes(models: Sequence[str], batch_size: Optional[int] = None) -> dict
 
 def run(
     *,
-    batch_size: Optional[int] = None,
+    batch_size: int | None = None,
     rounds: int = 15,
     steps_per_round: int = 10,
     seed: int = 0,
     models: tuple[str, ...] = MODELS,
-    convnet: Optional[dict] = None,
-    max_seconds: Optional[float] = None,
-    out_dir: Optional[str] = None,
+    convnet: dict | None = None,
+    max_seconds: float | None = None,
+    out_dir: str | None = None,
     progress: bool = True,
 ) -> dict:
     """Runs the benchmark and returns (and optionally saves) the results dict.
@@ -438,9 +453,15 @@ def run(
     convnet = dict(convnet or CONVNET_CPU)
     results: dict[str, Any] = {
         "machine": _machine(),
-        "settings": {"batch_size": batch_size, "batch_sizes": sizes, "rounds": rounds,
-                     "steps_per_round": steps_per_round, "seed": seed, "max_seconds": max_seconds,
-                     "convnet": {"widths": list(convnet["widths"]), "blocks": int(convnet["blocks"])}},
+        "settings": {
+            "batch_size": batch_size,
+            "batch_sizes": sizes,
+            "rounds": rounds,
+            "steps_per_round": steps_per_round,
+            "seed": seed,
+            "max_seconds": max_seconds,
+            "convnet": {"widths": list(convnet["widths"]), "blocks": int(convnet["blocks"])},
+        },
         "complete": False,  # every model, every round or the time budget (set at the end)
         "models": {},
     }
@@ -450,9 +471,18 @@ def run(
         for model_name in models:
             _interrupt.check()
             model, batch = all_models[model_name]
-            results["models"][model_name] = _bench_model(model_name, model, batch, lr=lr, rho=rho, seed=seed,
-                                                         rounds=rounds, steps_per_round=steps_per_round,
-                                                         max_seconds=max_seconds, progress=progress)
+            results["models"][model_name] = _bench_model(
+                model_name,
+                model,
+                batch,
+                lr=lr,
+                rho=rho,
+                seed=seed,
+                rounds=rounds,
+                steps_per_round=steps_per_round,
+                max_seconds=max_seconds,
+                progress=progress,
+            )
             interrupted = _interrupt.requested()
     except _interrupt.Interrupted:
         interrupted = True
@@ -485,18 +515,23 @@ def _compile_all(model_name, methods, params0, batch, progress, deadline=None):
         state[mth.name] = (params, opt_state)
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, (list, tuple)) else (cost or {})
-        info[mth.name] = {"compile_s": compile_s, "memory": _memory(compiled), "times": [],
-                          "device_memory": device_step_peak(before, _device_memory()),
-                          "flops": float(cost.get("flops", 0.0)),
-                          "bytes_accessed": float(cost.get("bytes accessed", 0.0))}
+        info[mth.name] = {
+            "compile_s": compile_s,
+            "memory": _memory(compiled),
+            "times": [],
+            "device_memory": device_step_peak(before, _device_memory()),
+            "flops": float(cost.get("flops", 0.0)),
+            "bytes_accessed": float(cost.get("bytes accessed", 0.0)),
+        }
         if progress:
             print(f"[{model_name}] compiled {mth.name:<20} {compile_s:6.2f} s", flush=True)
         _interrupt.check()
     return state, info
 
 
-def _time_rounds(model_name, methods, state, info, batch, *, rounds, steps_per_round, seed, progress,
-                 deadline=None) -> int:
+def _time_rounds(
+    model_name, methods, state, info, batch, *, rounds, steps_per_round, seed, progress, deadline=None
+) -> int:
     """Interleaved timed rounds (times appended to ``info``); returns the rounds done
     (fewer than ``rounds`` after Ctrl-C, which is checked after each round, or once a
     round ends past ``deadline``)."""
@@ -520,8 +555,9 @@ def _time_rounds(model_name, methods, state, info, batch, *, rounds, steps_per_r
     return rounds
 
 
-def _bench_model(model_name, model, batch, *, lr, rho, seed, rounds, steps_per_round, progress,
-                 max_seconds=None) -> dict:
+def _bench_model(
+    model_name, model, batch, *, lr, rho, seed, rounds, steps_per_round, progress, max_seconds=None
+) -> dict:
     """One model's results: ``batch_size``, ``param_bytes``, ``rounds_done``, ``skipped`` (time budget),
     the table of ``methods`` and ``targets``."""
     t0 = time.perf_counter()
@@ -532,12 +568,28 @@ def _bench_model(model_name, model, batch, *, lr, rho, seed, rounds, steps_per_r
     state, info = _compile_all(model_name, methods, params0, batch, progress, deadline=compile_deadline)
     skipped = [m.name for m in methods if m.name not in info]
     methods = [m for m in methods if m.name in info]
-    done = _time_rounds(model_name, methods, state, info, batch, rounds=rounds, steps_per_round=steps_per_round,
-                        seed=seed, progress=progress, deadline=None if max_seconds is None else t0 + max_seconds)
+    done = _time_rounds(
+        model_name,
+        methods,
+        state,
+        info,
+        batch,
+        rounds=rounds,
+        steps_per_round=steps_per_round,
+        seed=seed,
+        progress=progress,
+        deadline=None if max_seconds is None else t0 + max_seconds,
+    )
     table = _summarize(methods, info, param_bytes)
-    return {"batch_size": int(batch["x"].shape[0]), "param_bytes": param_bytes,
-            "param_count": sum(x.size for x in jax.tree.leaves(params0)), "rounds_done": done,
-            "skipped": skipped, "methods": table, "targets": targets(table, model_name, jax.default_backend())}
+    return {
+        "batch_size": int(batch["x"].shape[0]),
+        "param_bytes": param_bytes,
+        "param_count": sum(x.size for x in jax.tree.leaves(params0)),
+        "rounds_done": done,
+        "skipped": skipped,
+        "methods": table,
+        "targets": targets(table, model_name, jax.default_backend()),
+    }
 
 
 def _summarize(methods, info, param_bytes) -> dict:
@@ -561,7 +613,8 @@ def _summarize(methods, info, param_bytes) -> dict:
             "bytes_accessed": info[mth.name]["bytes_accessed"],
             "peak_bytes": peak,
             "peak_ratio_to_sam": None if peak is None or not sam_peak else peak / sam_peak,
-            "extra_peak_over_base_in_param_bytes": None if peak is None or base_peak is None
+            "extra_peak_over_base_in_param_bytes": None
+            if peak is None or base_peak is None
             else (peak - base_peak) / param_bytes,
             "device_memory": dev,
             "times_ms": [1e3 * t for t in info[mth.name]["times"]],
@@ -588,8 +641,12 @@ def targets(table: dict, model_name: str, backend: str) -> dict:
         row = table.get(tgt.row or key)
         value = None if row is None else row[_REF_FIELD[tgt.ref]]
         applies = backend != "cpu" or tgt.cpu_models is None or model_name in tgt.cpu_models
-        checks[key] = {"value": value, "target": f"<= {tgt.limit} x {tgt.ref}", "applies": applies,
-                       "met": bool(value <= tgt.limit) if applies and value is not None else None}
+        checks[key] = {
+            "value": value,
+            "target": f"<= {tgt.limit} x {tgt.ref}",
+            "applies": applies,
+            "met": bool(value <= tgt.limit) if applies and value is not None else None,
+        }
     return checks
 
 
@@ -598,22 +655,29 @@ def format_table(results: dict) -> str:
     m = results["machine"]
     lines = [f"machine: {m['backend']} ({m['device']}), jax {m['jax']}"]
     for model_name, res in results["models"].items():
-        lines += ["", f"{model_name}: {res['param_bytes'] / 1e3:.0f} kB of params, batch {res.get('batch_size')}, "
-                      f"{res.get('rounds_done')} rounds" + (f"; skipped: {' '.join(res['skipped'])}"
-                                                            if res.get("skipped") else "")]
-        lines.append(f"{'method':<20} {'ms/step':>9} {'x base':>8} {'x SAM':>7} {'x contrib':>10} {'compile s':>10} "
-                     f"{'peak kB':>9} {'peak x SAM':>11} {'dev peak kB':>12}")
+        lines += [
+            "",
+            f"{model_name}: {res['param_bytes'] / 1e3:.0f} kB of params, batch {res.get('batch_size')}, "
+            f"{res.get('rounds_done')} rounds"
+            + (f"; skipped: {' '.join(res['skipped'])}" if res.get("skipped") else ""),
+        ]
+        lines.append(
+            f"{'method':<20} {'ms/step':>9} {'x base':>8} {'x SAM':>7} {'x contrib':>10} {'compile s':>10} "
+            f"{'peak kB':>9} {'peak x SAM':>11} {'dev peak kB':>12}"
+        )
         for name, row in res["methods"].items():
             dev = (row.get("device_memory") or {}).get("device_peak_bytes")
             lines.append(
                 f"{name:<20} {row['median_step_ms']:>9.3f} {row['ratio_to_base']:>8.3f} {row['ratio_to_sam']:>7.3f} "
                 f"{row['ratio_to_contrib_opaque']:>10.3f} {row['compile_s']:>10.2f} "
                 f"{(row['peak_bytes'] or 0) / 1e3:>9.0f} {_fmt(row.get('peak_ratio_to_sam'), '.2f'):>11} "
-                f"{_fmt(dev and dev / 1e3, '.0f'):>12}")
+                f"{_fmt(dev and dev / 1e3, '.0f'):>12}"
+            )
         lines.append(f"{'target':<20} {'value':>9} {'':>8} {'goal':<24} met")
         for key, chk in res["targets"].items():
-            met = {True: "yes", False: "NO", None: "-"}[chk["met"]] + ("" if chk.get("applies", True) else
-                                                                      " (report only)")
+            met = {True: "yes", False: "NO", None: "-"}[chk["met"]] + (
+                "" if chk.get("applies", True) else " (report only)"
+            )
             lines.append(f"{key:<20} {_fmt(chk['value'], '.3f'):>9} {'':>8} {chk['target']:<24} {met}")
     return "\n".join(lines)
 
@@ -626,26 +690,51 @@ SINGLE_THREAD_FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_t
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sam-optax bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch-size", type=_positive_int, default=None,
-                        help="the batch of every model (default: " + ", ".join(f"{m} {b}" for m, b in
-                                                                            DEFAULT_BATCH.items()) + ")")
+    parser = argparse.ArgumentParser(
+        prog="sam-optax bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=None,
+        help="the batch of every model (default: " + ", ".join(f"{m} {b}" for m, b in DEFAULT_BATCH.items()) + ")",
+    )
     parser.add_argument("--rounds", type=_positive_int, default=30)
     parser.add_argument("--steps-per-round", type=_positive_int, default=20)
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
-    parser.add_argument("--convnet-widths", nargs="+", type=_positive_int, default=list(CONVNET_CPU["widths"]),
-                        metavar="W", help="channels of the convnet's stages (ResNet-18: 64 128 256 512)")
-    parser.add_argument("--convnet-blocks", type=_positive_int, default=CONVNET_CPU["blocks"],
-                        help="residual blocks per stage (ResNet-18: 2)")
-    parser.add_argument("--max-seconds", type=_positive_float, default=None,
-                        help="time budget of each model: past 60%% of it no more methods are compiled (beyond "
-                             "base, sam, contrib_opaque); the timed rounds stop after the round that passes it")
-    parser.add_argument("--threads", choices=("one", "all"), default="one",
-                        help="CPU: one pinned XLA thread (default, stable ratios) or XLA's default threads")
-    parser.add_argument("--out", default=os.path.join("benchmarks", "results"),
-                        help="folder for the JSON (checked before anything runs; written to a temporary file and "
-                             "renamed over the old one; locked during the run: a second run into it stops at once)")
+    parser.add_argument(
+        "--convnet-widths",
+        nargs="+",
+        type=_positive_int,
+        default=list(CONVNET_CPU["widths"]),
+        metavar="W",
+        help="channels of the convnet's stages (ResNet-18: 64 128 256 512)",
+    )
+    parser.add_argument(
+        "--convnet-blocks",
+        type=_positive_int,
+        default=CONVNET_CPU["blocks"],
+        help="residual blocks per stage (ResNet-18: 2)",
+    )
+    parser.add_argument(
+        "--max-seconds",
+        type=_positive_float,
+        default=None,
+        help="time budget of each model: past 60%% of it no more methods are compiled (beyond "
+        "base, sam, contrib_opaque); the timed rounds stop after the round that passes it",
+    )
+    parser.add_argument(
+        "--threads",
+        choices=("one", "all"),
+        default="one",
+        help="CPU: one pinned XLA thread (default, stable ratios) or XLA's default threads",
+    )
+    parser.add_argument(
+        "--out",
+        default=os.path.join("benchmarks", "results"),
+        help="folder for the JSON (checked before anything runs; written to a temporary file and "
+        "renamed over the old one; locked during the run: a second run into it stops at once)",
+    )
     parser.add_argument("--tag", default="", help="suffix of the JSON file name")
     return parser
 
@@ -688,9 +777,15 @@ def main(argv=None) -> int:
             parser.error(f"argument --out: {e}")
         if args.threads == "one" and hasattr(os, "sched_setaffinity"):
             os.sched_setaffinity(0, {max(os.sched_getaffinity(0))})
-        res = run(batch_size=args.batch_size, rounds=args.rounds, steps_per_round=args.steps_per_round,
-                  models=tuple(args.models), convnet={"widths": args.convnet_widths, "blocks": args.convnet_blocks},
-                  max_seconds=args.max_seconds, out_dir=None)
+        res = run(
+            batch_size=args.batch_size,
+            rounds=args.rounds,
+            steps_per_round=args.steps_per_round,
+            models=tuple(args.models),
+            convnet={"widths": args.convnet_widths, "blocks": args.convnet_blocks},
+            max_seconds=args.max_seconds,
+            out_dir=None,
+        )
         res["settings"]["threads"] = args.threads
         try:
             if res["models"]:
@@ -700,9 +795,15 @@ def main(argv=None) -> int:
             return 2
         if not res["complete"]:
             done = ", ".join(f"{m} ({r['rounds_done']} of {args.rounds} rounds)" for m, r in res["models"].items())
-            print("sam-optax bench: interrupted; " + (f"saved {done} to {path}, marked incomplete" if done
-                                                      else "no model had reached its timed rounds, nothing saved"),
-                  file=sys.stderr)
+            print(
+                "sam-optax bench: interrupted; "
+                + (
+                    f"saved {done} to {path}, marked incomplete"
+                    if done
+                    else "no model had reached its timed rounds, nothing saved"
+                ),
+                file=sys.stderr,
+            )
             return 130
     print(format_table(res))
     print(f"\nsaved {path}")

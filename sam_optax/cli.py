@@ -7,14 +7,13 @@ import contextlib
 import os
 import sys
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 from sam_optax._argtypes import fraction as _fraction
 from sam_optax._argtypes import nonneg_float as _nonneg_float
 from sam_optax._argtypes import positive_int as _positive_int
 from sam_optax._argtypes import seed as _seed
 from sam_optax.experiments import _interrupt, _io
-
 
 # --------------------------------------------------------------------------------------------
 # compare
@@ -29,8 +28,8 @@ def _plot_compare(results: list, path: str, title: str) -> None:
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     for r in results:
-        epochs, accs = zip(*r["curve"])
-        ax1.plot(epochs, accs, label=r["method"], marker="o" if len(epochs) < 15 else None)
+        epochs, curve_accs = zip(*r["curve"])
+        ax1.plot(epochs, curve_accs, label=r["method"], marker="o" if len(epochs) < 15 else None)
     ax1.set_xlabel("epoch")
     ax1.set_ylabel("test accuracy (clean labels)")
     ax1.set_title("test accuracy during training")
@@ -79,9 +78,17 @@ def _train_all(args: argparse.Namespace, data, hyper) -> tuple[list, bool]:
     try:
         for name in args.methods:
             _interrupt.check()
-            res = experiments.train_method(name, data, model=args.model, epochs=args.epochs,
-                                           batch_size=args.batch_size, hyper=hyper, seed=args.seed,
-                                           hessian=not args.no_hessian, progress=not args.no_progress)
+            res = experiments.train_method(
+                name,
+                data,
+                model=args.model,
+                epochs=args.epochs,
+                batch_size=args.batch_size,
+                hyper=hyper,
+                seed=args.seed,
+                hessian=not args.no_hessian,
+                progress=not args.no_progress,
+            )
             results.append(res.to_dict())
             print(f"{name}: done, test accuracy {res.test_accuracy:.4f} ({res.seconds:.1f} s)", flush=True)
     except _interrupt.Interrupted:
@@ -90,8 +97,10 @@ def _train_all(args: argparse.Namespace, data, hyper) -> tuple[list, bool]:
 
 
 def _compare_table(results: list) -> str:
-    header = (f"{'method':<13} {'test acc':>9} {'train loss':>11} {'lambda_max':>11} {'sharpness':>10} {'steps/s':>9} "
-              f"{'2nd pass':>9}")
+    header = (
+        f"{'method':<13} {'test acc':>9} {'train loss':>11} {'lambda_max':>11} {'sharpness':>10} {'steps/s':>9} "
+        f"{'2nd pass':>9}"
+    )
     lines = [header, "-" * len(header)]
     for r in results:
         lam = "-" if r["lambda_max"] is None else f"{r['lambda_max']:.3f}"
@@ -101,15 +110,19 @@ def _compare_table(results: list) -> str:
         speed = "-" if r["steps_per_second"] is None else f"{r['steps_per_second']:.1f}"
         frac = r.get("second_pass_fraction")
         frac = "-" if frac is None else f"{frac:.2f}"
-        lines.append(f"{r['method']:<13} {r['test_accuracy']:>9.4f} {r['train_loss']:>11.4f} {lam:>11} {sh:>10} "
-                     f"{speed:>9} {frac:>9}")
+        lines.append(
+            f"{r['method']:<13} {r['test_accuracy']:>9.4f} {r['train_loss']:>11.4f} {lam:>11} {sh:>10} "
+            f"{speed:>9} {frac:>9}"
+        )
     if any(r.get("lambda_max_converged") is False for r in results):
         lines.append("* power iteration did not reach its tolerance (1e-3) in 50 Hessian-vector products")
     if any(r.get("second_pass_fraction") is not None for r in results):
         lines.append("2nd pass: fraction of the steps that ran the second gradient pass (- : a one-pass method)")
     if any(r["steps_per_second"] is None for r in results):
-        lines.append("steps/s -: a single training step (--epochs x steps per epoch = 1) is all compilation, "
-                     "so no speed is measured")
+        lines.append(
+            "steps/s -: a single training step (--epochs x steps per epoch = 1) is all compilation, "
+            "so no speed is measured"
+        )
     return "\n".join(lines)
 
 
@@ -121,20 +134,32 @@ def compare(args: argparse.Namespace) -> int:
     data = experiments.load(args.dataset, seed=args.seed, label_noise=args.label_noise)
     n_train = len(data.x_train)
     if args.batch_size > n_train:
-        args.subparser.error(f"argument --batch-size: {args.batch_size} is larger than the training set of "
-                             f"{args.dataset} ({n_train} examples)")
-    print(f"{args.dataset}: {n_train} train / {len(data.x_test)} test examples, "
-          f"label noise {args.label_noise:.0%}; model {args.model}, {args.epochs} epochs, batch {args.batch_size}"
-          f"{'' if args.m is None else f', m={args.m}'}; methods: {', '.join(args.methods)}", flush=True)
+        args.subparser.error(
+            f"argument --batch-size: {args.batch_size} is larger than the training set of "
+            f"{args.dataset} ({n_train} examples)"
+        )
+    print(
+        f"{args.dataset}: {n_train} train / {len(data.x_test)} test examples, "
+        f"label noise {args.label_noise:.0%}; model {args.model}, {args.epochs} epochs, batch {args.batch_size}"
+        f"{'' if args.m is None else f', m={args.m}'}; methods: {', '.join(args.methods)}",
+        flush=True,
+    )
     results, complete = _train_all(args, data, Hyper(lr=args.lr, rho=args.rho, m=args.m))
     json_path, png_path = (os.path.join(args.out, name) for name in COMPARE_OUTPUTS)
     if not complete:
         done = ", ".join(r["method"] for r in results)
         if results:
             _save_compare(args, results, False, time.perf_counter() - t0)
-        print("sam-optax compare: interrupted; " + (
-            f"saved the {len(results)} of {len(args.methods)} methods that finished ({done}) to {json_path}, "
-            f"marked incomplete" if results else "no method had finished, nothing saved"), file=sys.stderr)
+        print(
+            "sam-optax compare: interrupted; "
+            + (
+                f"saved the {len(results)} of {len(args.methods)} methods that finished ({done}) to {json_path}, "
+                f"marked incomplete"
+                if results
+                else "no method had finished, nothing saved"
+            ),
+            file=sys.stderr,
+        )
         return 130
     print(_compare_table(results))
     _save_compare(args, results, True, time.perf_counter() - t0)
@@ -145,14 +170,28 @@ def compare(args: argparse.Namespace) -> int:
 def _save_compare(args: argparse.Namespace, results: list, complete: bool, seconds: float) -> None:
     """results.json and accuracy.png, each written to a temporary file and renamed over the old one."""
     payload = {
-        "dataset": args.dataset, "model": args.model, "epochs": args.epochs, "batch_size": args.batch_size,
-        "label_noise": args.label_noise, "seed": args.seed, "lr": args.lr, "rho": args.rho, "m": args.m,
-        "methods": list(args.methods), "complete": complete, "results": results, "seconds": seconds,
+        "dataset": args.dataset,
+        "model": args.model,
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "label_noise": args.label_noise,
+        "seed": args.seed,
+        "lr": args.lr,
+        "rho": args.rho,
+        "m": args.m,
+        "methods": list(args.methods),
+        "complete": complete,
+        "results": results,
+        "seconds": seconds,
     }
     json_path, png_path = (os.path.join(args.out, name) for name in COMPARE_OUTPUTS)
     _io.write_json(json_path, _finite(payload), allow_nan=False)
-    _plot_compare(results, png_path, f"{args.dataset}, {args.model}, label noise {args.label_noise:.0%}, "
-                                     f"seed {args.seed}" + ("" if complete else " (incomplete)"))
+    _plot_compare(
+        results,
+        png_path,
+        f"{args.dataset}, {args.model}, label noise {args.label_noise:.0%}, "
+        f"seed {args.seed}" + ("" if complete else " (incomplete)"),
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -171,9 +210,11 @@ def toy(args: argparse.Namespace) -> int:
         print(f"{t.label:<28} {mu:>9.3f} {sigma:>9.3f}  {toy_mod.nearest_minimum(t.points[-1])}")
     diverged = [t for t in trajectories if toy_mod.nearest_minimum(t.points[-1]) == toy_mod.DIVERGED]
     if diverged:
-        print(f"sam-optax toy: error: {len(diverged)} of {len(trajectories)} runs diverged (end point not a "
-              f"number) with --lr {args.lr:g} --rho {args.rho:g}; try smaller values. No figure saved.",
-              file=sys.stderr)
+        print(
+            f"sam-optax toy: error: {len(diverged)} of {len(trajectories)} runs diverged (end point not a "
+            f"number) with --lr {args.lr:g} --rho {args.rho:g}; try smaller values. No figure saved.",
+            file=sys.stderr,
+        )
         return 1
     path = os.path.join(args.out, TOY_OUTPUTS[0])
     toy_mod.plot(trajectories, path)
@@ -186,40 +227,57 @@ def toy(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-_OUT_HELP = ("output folder (created if needed). Files are written to a temporary file and renamed over the old "
-             "ones, so an interrupted or failed write never leaves a truncated result. A run locks the folder "
-             "(file .sam-optax.lock, released when the run ends, even if it is killed): a second run into the "
-             "same folder stops at once with an error naming the first one.")
+_OUT_HELP = (
+    "output folder (created if needed). Files are written to a temporary file and renamed over the old "
+    "ones, so an interrupted or failed write never leaves a truncated result. A run locks the folder "
+    "(file .sam-optax.lock, released when the run ends, even if it is killed): a second run into the "
+    "same folder stops at once with an error naming the first one."
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
     from sam_optax.experiments.methods import DEFAULT_METHODS, METHODS
 
     parser = argparse.ArgumentParser(
-        prog="sam-optax", description="Sharpness-aware training with sam_optax: compare methods, the WSAM toy, "
-                                      "and the step-cost benchmark.")
+        prog="sam-optax",
+        description="Sharpness-aware training with sam_optax: compare methods, the WSAM toy, "
+        "and the step-cost benchmark.",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="{compare,toy,bench}")
-    p = sub.add_parser("compare", help="train one model with several methods on a locally generated dataset",
-                       description="Train the same model with several methods on a dataset generated locally "
-                                   "(MNIST-1D by default, or sklearn's digits) and compare test accuracy, final "
-                                   "train loss, Hessian lambda_max and steps/s (and, for the sharpness-aware "
-                                   "methods, the fraction of steps that ran the second gradient pass: below 1 for "
-                                   "looksam, periodic, rst and ae_sam). Saves results.json and accuracy.png. "
-                                   "Ctrl-C stops after the step in flight, saves the methods that finished "
-                                   "(\"complete\": false in results.json) and exits with status 130.")
+    p = sub.add_parser(
+        "compare",
+        help="train one model with several methods on a locally generated dataset",
+        description="Train the same model with several methods on a dataset generated locally "
+        "(MNIST-1D by default, or sklearn's digits) and compare test accuracy, final "
+        "train loss, Hessian lambda_max and steps/s (and, for the sharpness-aware "
+        "methods, the fraction of steps that ran the second gradient pass: below 1 for "
+        "looksam, periodic, rst and ae_sam). Saves results.json and accuracy.png. "
+        "Ctrl-C stops after the step in flight, saves the methods that finished "
+        '("complete": false in results.json) and exits with status 130.',
+    )
     p.add_argument("--dataset", choices=("mnist1d", "digits"), default="mnist1d")
     p.add_argument("--model", choices=("mlp", "cnn"), default="cnn")
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(DEFAULT_METHODS), metavar="METHOD",
-                   help=f"from: {', '.join(METHODS)} (default: {' '.join(DEFAULT_METHODS)})")
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        choices=METHODS,
+        default=list(DEFAULT_METHODS),
+        metavar="METHOD",
+        help=f"from: {', '.join(METHODS)} (default: {' '.join(DEFAULT_METHODS)})",
+    )
     p.add_argument("--epochs", type=_positive_int, default=30)
     p.add_argument("--batch-size", type=_positive_int, default=128)
     p.add_argument("--m", type=_positive_int, default=None, help="m-sharpness shard size (default: the batch)")
     p.add_argument("--lr", type=_nonneg_float, default=0.05, help="peak learning rate of SGD (cosine schedule)")
-    p.add_argument("--rho", type=_nonneg_float, default=0.05,
-                   help="radius of sam, wsam, gsam (rho_max), esam, looksam, rst, ae_sam and the averaged "
-                        "variants; periodic (SAM every 10 steps) uses 10 x rho, Composer's advice to scale rho "
-                        "with the interval (asam and fisher keep their papers' 0.5 and 0.1; msam its rho 0.3 and "
-                        "rwp its sigma 0.001, see sam_optax/experiments/methods.py)")
+    p.add_argument(
+        "--rho",
+        type=_nonneg_float,
+        default=0.05,
+        help="radius of sam, wsam, gsam (rho_max), esam, looksam, rst, ae_sam and the averaged "
+        "variants; periodic (SAM every 10 steps) uses 10 x rho, Composer's advice to scale rho "
+        "with the interval (asam and fisher keep their papers' 0.5 and 0.1; msam its rho 0.3 and "
+        "rwp its sigma 0.001, see sam_optax/experiments/methods.py)",
+    )
     p.add_argument("--label-noise", type=_fraction, default=0.0, help="symmetric label noise rate in [0, 1)")
     p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--out", default=os.path.join("sam_optax_runs", "compare"), help=_OUT_HELP)
@@ -227,24 +285,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=compare, subparser=p)
 
-    t = sub.add_parser("toy", help="the WSAM paper's 2-D toy (Fig. 2): trajectories on the contour plot",
-                       description="SAM and WSAM (gamma 0.6 and 0.95, coupled and decoupled) on the 2-D toy loss "
-                                   "of the WSAM paper, in float64; saves wsam_toy.png and prints the end points. A run "
-                                   "whose end point is not a number (NaN or inf: --lr or --rho too large) is "
-                                   "labelled 'diverged (not a number)' and the command exits with status 1.")
+    t = sub.add_parser(
+        "toy",
+        help="the WSAM paper's 2-D toy (Fig. 2): trajectories on the contour plot",
+        description="SAM and WSAM (gamma 0.6 and 0.95, coupled and decoupled) on the 2-D toy loss "
+        "of the WSAM paper, in float64; saves wsam_toy.png and prints the end points. A run "
+        "whose end point is not a number (NaN or inf: --lr or --rho too large) is "
+        "labelled 'diverged (not a number)' and the command exits with status 1.",
+    )
     t.add_argument("--steps", type=_positive_int, default=150)
     t.add_argument("--lr", type=_nonneg_float, default=5.0)
     t.add_argument("--rho", type=_nonneg_float, default=2.0)
     t.add_argument("--out", default=os.path.join("sam_optax_runs", "toy"), help=_OUT_HELP)
     t.set_defaults(func=toy, subparser=t)
 
-    b = sub.add_parser("bench", help="time a training step of every method (ratios to the base step)",
-                       description="The step-cost benchmark: median step time of every method on a small MLP, a 1-D "
-                                   "CNN and a 2-D ResNet-style convnet, as ratios to the base optimizer and to "
-                                   "optax.contrib.sam; compile times and peak memory. Saves a JSON under --out. "
-                                   "Options: --batch-size, --rounds, --steps-per-round, --models, --threads {one,all}, "
-                                   "--out, --tag, --max-seconds, --convnet-widths, --convnet-blocks "
-                                   "(see python -m sam_optax.benchmarking --help).", add_help=False)
+    b = sub.add_parser(
+        "bench",
+        help="time a training step of every method (ratios to the base step)",
+        description="The step-cost benchmark: median step time of every method on a small MLP, a 1-D "
+        "CNN and a 2-D ResNet-style convnet, as ratios to the base optimizer and to "
+        "optax.contrib.sam; compile times and peak memory. Saves a JSON under --out. "
+        "Options: --batch-size, --rounds, --steps-per-round, --models, --threads {one,all}, "
+        "--out, --tag, --max-seconds, --convnet-widths, --convnet-blocks "
+        "(see python -m sam_optax.benchmarking --help).",
+        add_help=False,
+    )
     b.set_defaults(func=None)
     return parser
 
@@ -282,8 +347,9 @@ def _main(argv: list) -> int:
             print(f"sam-optax {args.command}: error: {e}", file=sys.stderr)
             return 2
     if rc == 0 and _interrupt.requested():  # Ctrl-C after the last check: the outputs are complete
-        print(f"sam-optax {args.command}: interrupted after the run had finished; its outputs are saved",
-              file=sys.stderr)
+        print(
+            f"sam-optax {args.command}: interrupted after the run had finished; its outputs are saved", file=sys.stderr
+        )
         return 130
     return rc
 

@@ -21,16 +21,17 @@ A step on a pod, one process per host::
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 __all__ = ["abstract_like", "data_mesh", "global_batch", "is_placed", "place", "replicate", "to_host"]
 
 
-def data_mesh(axis_name: str = "data", devices: Optional[list] = None) -> jax.sharding.Mesh:
+def data_mesh(axis_name: str = "data", devices: list | None = None) -> jax.sharding.Mesh:
     """A 1-D mesh over all devices of all processes (``Auto`` axis), in
     ``jax.devices()`` order: process by process, so that each process's local
     data is one contiguous block of the global batch."""
@@ -38,7 +39,7 @@ def data_mesh(axis_name: str = "data", devices: Optional[list] = None) -> jax.sh
     return jax.sharding.Mesh(np.asarray(devices), (axis_name,), axis_types=(AxisType.Auto,))
 
 
-def global_batch(local_batch: Any, mesh: jax.sharding.Mesh, axis_name: Optional[str] = None) -> Any:
+def global_batch(local_batch: Any, mesh: jax.sharding.Mesh, axis_name: str | None = None) -> Any:
     """The global batch, sharded over the data axis, from this process's share.
 
     Every process passes its own ``[B / num_processes, ...]`` block; the global
@@ -84,7 +85,7 @@ def _put(x: Any, sharding: NamedSharding) -> Any:
     return jax.make_array_from_process_local_data(sharding, np.asarray(x))
 
 
-def _on_mesh_spec(x: Any, mesh: jax.sharding.Mesh) -> Optional[P]:
+def _on_mesh_spec(x: Any, mesh: jax.sharding.Mesh) -> P | None:
     """The spec of ``x`` if it is a global array or ShapeDtypeStruct already sharded on ``mesh``."""
     sharding = getattr(x, "sharding", None)
     if isinstance(sharding, NamedSharding) and sharding.mesh == mesh:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import optax
@@ -25,7 +26,7 @@ class SharpnessAwareTxState(NamedTuple):
 
 
 def sharpness_aware(
-    rule: optax.GradientTransformation, geometry: Optional[AscentGeometry] = None
+    rule: optax.GradientTransformation, geometry: AscentGeometry | None = None
 ) -> optax.GradientTransformationExtraArgs:
     r"""A rule and an ascent geometry as one transformation whose ``update`` takes a ``grad_fn``.
 
@@ -89,13 +90,16 @@ def sharpness_aware(
     def init_fn(params):
         return SharpnessAwareTxState(rule_state=rule.init(params), ascent_state=geometry.init(params))
 
-    def update_fn(updates, state, params=None, *, grad_fn: Optional[Callable[[Any], Any]] = None, **extra_args):
+    def update_fn(updates, state, params=None, *, grad_fn: Callable[[Any], Any] | None = None, **extra_args):
         if grad_fn is None or not callable(grad_fn):
             raise ValueError("sharpness_aware needs grad_fn=: update(grads, state, params, grad_fn=...).")
         if params is None:
             raise ValueError("sharpness_aware needs params: update(grads, state, params, grad_fn=...).")
         eps, ascent_state = geometry.update(updates, state.ascent_state, params)
-        perturbed = lambda _: _utils.cast_like(grad_fn(_utils.add_perturbation(params, eps)), updates)
+
+        def perturbed(_):
+            return _utils.cast_like(grad_fn(_utils.add_perturbation(params, eps)), updates)
+
         full = scheduled_second_pass(state.rule_state)
         full = full(updates) if callable(full) and not hasattr(full, "shape") else full  # AE-SAM: from g
         g_pert = perturbed(None) if full is True else jax.lax.cond(full, perturbed, lambda _: updates, None)

@@ -29,7 +29,8 @@ References:
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -51,7 +52,7 @@ _PASS_THROUGH = ("convert_element_type", "reshape", "transpose", "squeeze", "exp
 _CALLS = ("jit", "pjit", "closed_call", "core_call")
 
 
-def default_skipped_primitives(backend: Optional[str] = None) -> tuple[str, ...]:
+def default_skipped_primitives(backend: str | None = None) -> tuple[str, ...]:
     """The primitives skipped by default on ``backend`` (default: JAX's default backend).
 
     On CPU only ``dot_general``: XLA:CPU runs a convolution's gradient inside
@@ -96,33 +97,41 @@ def _kept_bilinear(prim: Any, params: dict, w_index: int) -> Callable[..., jax.A
     def bwd(res, ct):
         x, w, keep = res
         dx = jax.vjp(lambda x_: apply(x_, w), x)[1](ct)[0]
-        dw = jax.lax.cond(keep, lambda: jax.vjp(lambda w_: apply(x, w_), w)[1](ct)[0],
-                          lambda: jnp.zeros_like(w))
+        dw = jax.lax.cond(keep, lambda: jax.vjp(lambda w_: apply(x, w_), w)[1](ct)[0], lambda: jnp.zeros_like(w))
         return dx, dw, None
 
     op.defvjp(fwd, bwd)
     return op
 
 
-def _interpret(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], tags: Sequence[Optional[int]],
-               keep: Sequence[jax.Array], prims: Sequence[str]) -> list:
+def _interpret(
+    jaxpr: Any,
+    consts: Sequence[Any],
+    args: Sequence[Any],
+    tags: Sequence[int | None],
+    keep: Sequence[jax.Array],
+    prims: Sequence[str],
+) -> list:
     """Evaluates ``jaxpr`` like ``jax.core.eval_jaxpr``, but a ``prims`` equation with an
     operand tagged ``i`` (the ``i``-th parameter leaf, possibly reshaped or cast)
     runs through :func:`_kept_bilinear` with ``keep[i]``; calls (``jit``) are inlined
     when a tagged value enters them."""
     env: dict = {}
     tag: dict = {}
-    read = lambda v: v.val if isinstance(v, Literal) else env[v]
+
+    def read(v):
+        return v.val if isinstance(v, Literal) else env[v]
+
     env.update(zip(jaxpr.constvars, consts))
     env.update(zip(jaxpr.invars, args))
     tag.update({v: t for v, t in zip(jaxpr.invars, tags) if t is not None})
     for eqn in jaxpr.eqns:
         invals = [read(v) for v in eqn.invars]
-        intags = [None if isinstance(v, Literal) else tag.get(v) for v in eqn.invars]
+        intags: list[Any] = [None if isinstance(v, Literal) else tag.get(v) for v in eqn.invars]
         name = eqn.primitive.name
         if name in prims and any(t is not None for t in intags[:2]):
             wi = 1 if intags[1] is not None else 0
-            ans = _kept_bilinear(eqn.primitive, eqn.params, wi)(invals[1 - wi], invals[wi], keep[intags[wi]])
+            ans: Any = _kept_bilinear(eqn.primitive, eqn.params, wi)(invals[1 - wi], invals[wi], keep[intags[wi]])
         elif name in _CALLS and "jaxpr" in eqn.params and any(t is not None for t in intags):
             inner = eqn.params["jaxpr"]
             ans = _interpret(inner.jaxpr, inner.consts, invals, intags, keep, prims)
@@ -137,8 +146,9 @@ def _interpret(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], tags: Seq
     return [read(v) for v in jaxpr.outvars]
 
 
-def skip_weight_grads(loss_fn: Callable[..., Any], keep: Any,
-                      primitives: Sequence[str] = _BILINEAR) -> Callable[..., Any]:
+def skip_weight_grads(
+    loss_fn: Callable[..., Any], keep: Any, primitives: Sequence[str] = _BILINEAR
+) -> Callable[..., Any]:
     r"""``loss_fn`` whose gradient skips the weight gradients of the leaves ``keep`` leaves out.
 
     ``f = skip_weight_grads(loss_fn, keep)`` computes ``loss_fn(params, *rest)``
@@ -183,8 +193,10 @@ def skip_weight_grads(loss_fn: Callable[..., Any], keep: Any,
         except (ValueError, TypeError) as e:
             raise ValueError(f"keep must have the tree structure of params {p_def}: {e}") from e
         k_leaves = [jnp.asarray(k, bool) for k in k_leaves]
-        masked = [_mask_grad(p, k) if jnp.issubdtype(jnp.result_type(p), jnp.inexact) else p
-                  for p, k in zip(p_leaves, k_leaves)]
+        masked = [
+            _mask_grad(p, k) if jnp.issubdtype(jnp.result_type(p), jnp.inexact) else p
+            for p, k in zip(p_leaves, k_leaves)
+        ]
         params = jax.tree.unflatten(p_def, masked)
         closed, out_shape = jax.make_jaxpr(loss_fn, return_shape=True)(params, *rest)
         flat = jax.tree.leaves((params, *rest))
@@ -239,7 +251,7 @@ def swp_step(
     loss_fn: Callable[..., Any],
     tx: optax.GradientTransformation,
     geometry: AscentGeometry,
-    data: Optional[DataAxis] = None,
+    data: DataAxis | None = None,
     *,
     has_aux: bool = False,
     skip: Any = "auto",
@@ -300,8 +312,7 @@ def swp_step(
     def clean_pass(fn, params, state):
         return skip_weight_grads(fn, keep_bits(state, params, cfg.beta), prims)
 
-    sa_grad = sharpness_aware_grad(loss_fn, geometry, data, has_aux=has_aux,
-                                   _clean_pass=clean_pass if prims else None)
+    sa_grad = sharpness_aware_grad(loss_fn, geometry, data, has_aux=has_aux, _clean_pass=clean_pass if prims else None)
 
     def check(tx, out, opt_state, params, second_pass):
         if not prims:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import optax
@@ -29,12 +30,12 @@ class SharpnessAwareState(NamedTuple):
 def sharpness_aware_step(
     loss_fn: Callable[..., Any],
     tx: optax.GradientTransformation,
-    geometry: Optional[AscentGeometry] = None,
-    data: Optional[DataAxis] = None,
+    geometry: AscentGeometry | None = None,
+    data: DataAxis | None = None,
     *,
     has_aux: bool = False,
     ascent_steps: int = 1,
-    ascent_step_size: Optional[float] = None,
+    ascent_step_size: float | None = None,
 ) -> tuple[Callable[[Any], SharpnessAwareState], Callable[..., tuple[Any, SharpnessAwareState, SharpnessAwareGrads]]]:
     """The training step of ``tx`` (a sam_optax rule, possibly wrapped) as ``(init, step)``.
 
@@ -81,8 +82,8 @@ def step_pair(
     sa_grad: Callable[..., SharpnessAwareGrads],
     tx: optax.GradientTransformation,
     geometry: AscentGeometry,
-    data: Optional[DataAxis],
-    before_update: Optional[Callable[..., None]] = None,
+    data: DataAxis | None,
+    before_update: Callable[..., None] | None = None,
 ) -> tuple[Callable[[Any], SharpnessAwareState], Callable[..., tuple[Any, SharpnessAwareState, SharpnessAwareGrads]]]:
     """The ``(init, step)`` of :func:`sharpness_aware_step` around a two-pass
     function ``sa_grad`` (also used by :func:`sam_optax.swp.swp_step`);
@@ -113,7 +114,7 @@ def step_pair(
     return init, step
 
 
-def resolve_second_pass(second_pass: Any, opt_state: Any) -> Any:
+def resolve_second_pass(second_pass: Any, opt_state: optax.OptState) -> Any:
     """``"auto"``: the choice of the one second-pass schedule in ``opt_state``
     (LookSAM, :func:`sam_optax.periodic`, :func:`sam_optax.randomized`: a traced
     bool; :func:`sam_optax.adaptive_policy`: a ``clean_grads -> bool`` callable),

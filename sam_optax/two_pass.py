@@ -11,7 +11,8 @@ micro-batches; ``_devices``: the mesh), multi-step ascent in ``_ascent``.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -61,6 +62,9 @@ class _Never(NamedTuple):
     """Static marker: never the second pass (``perturbed_grads = grads``)."""
 
 
+_ALWAYS = _Always()
+
+
 class _ShardResult(NamedTuple):
     loss: jax.Array
     aux: Any
@@ -69,13 +73,13 @@ class _ShardResult(NamedTuple):
     perturbed_loss: jax.Array
 
 
-def _first_leaf(params: Any) -> Optional[jax.Array]:
+def _first_leaf(params: Any) -> jax.Array | None:
     """A parameter whose manual mesh axes a scan carry must vary over (``None``: no params)."""
     leaves = jax.tree.leaves(params)
     return leaves[0] if leaves else None
 
 
-def _leading_size(batch: Any) -> Optional[int]:
+def _leading_size(batch: Any) -> int | None:
     """The leading size all leaves of ``batch`` share, or ``None`` (e.g. a graph batch)."""
     sizes = {x.shape[0] if jnp.ndim(x) else None for x in jax.tree.leaves(batch)}
     return sizes.pop() if len(sizes) == 1 else None
@@ -119,8 +123,14 @@ def _mean_loss(loss_fn: Callable[..., Any], has_aux: bool, per_example: bool) ->
     return fn
 
 
-def _shard_body(fn: Callable[..., Any], geometry: AscentGeometry, data: DataAxis, steps: int, step_size: float,
-                clean_pass: Optional[Callable[..., Any]] = None):
+def _shard_body(
+    fn: Callable[..., Any],
+    geometry: AscentGeometry,
+    data: DataAxis,
+    steps: int,
+    step_size: float,
+    clean_pass: Callable[..., Any] | None = None,
+):
     """``body(params, shard, args, state, flag) -> (_ShardResult, new_state)``: the two
     passes of one m-sharpness shard. ``clean_pass(fn, params, state) -> fn'`` (internal
     hook of :mod:`sam_optax.swp`) replaces the loss differentiated in the clean pass."""
@@ -132,14 +142,22 @@ def _shard_body(fn: Callable[..., Any], geometry: AscentGeometry, data: DataAxis
 
     def second(params, shard, args, g, state, eps, clean_losses):
         if steps > 1:
-            grad_at = lambda p: vg(p, shard, args)[1]
+
+            def grad_at(p):
+                return vg(p, shard, args)[1]
+
             eps = _ascent.refine(geometry, grad_at, params, g, state, eps, steps, step_size)
         pp = _utils.add_perturbation(params, eps)
         if data.selection is None:
             (ploss, _), gp = vg(pp, shard, args)
             return ploss, gp
-        losses_at = lambda s: fn(pp, s, *args)[1][1]
-        grads_on = lambda s: vg(pp, s, args)[1]
+
+        def losses_at(s):
+            return fn(pp, s, *args)[1][1]
+
+        def grads_on(s):
+            return vg(pp, s, args)[1]
+
         return selected_pass(data.selection, losses_at, grads_on, shard, clean_losses)
 
     def body(params, shard, args, state, flag):
@@ -178,7 +196,10 @@ def _per_device(body: Callable[..., Any], data: DataAxis) -> Callable[..., Any]:
         elif data.splits_batch:
             _shards.batch_size(batch)  # micro-batches / selection index examples: check the layout
         like = _first_leaf(params)
-        run = lambda shard: body(params, shard, args, state, flag)
+
+        def run(shard):
+            return body(params, shard, args, state, flag)
+
         res, new_state = _layout.over_chunks(run, batch, n, data.chunk_mode, state, like)
         return _shards.shard_mean(res, data.axis_name), new_state
 
@@ -200,7 +221,7 @@ def _check_args(geometry: Any, data: Any, ascent_steps: int, ascent_step_size: A
     return geometry, data
 
 
-def second_pass_flag(second_pass: Any, data: Optional[DataAxis] = None) -> Any:
+def second_pass_flag(second_pass: Any, data: DataAxis | None = None) -> Any:
     """The static marker (literal bool), the traced bool, or the decision
     ``clean_grads -> bool`` (a ``jax.tree_util.Partial``) for ``second_pass``."""
     if isinstance(second_pass, bool):
@@ -220,13 +241,13 @@ def second_pass_flag(second_pass: Any, data: Optional[DataAxis] = None) -> Any:
 
 def sharpness_aware_grad(
     loss_fn: Callable[..., Any],
-    geometry: Optional[AscentGeometry] = None,
-    data: Optional[DataAxis] = None,
+    geometry: AscentGeometry | None = None,
+    data: DataAxis | None = None,
     *,
     has_aux: bool = False,
     ascent_steps: int = 1,
-    ascent_step_size: Optional[float] = None,
-    _clean_pass: Optional[Callable[..., Any]] = None,
+    ascent_step_size: float | None = None,
+    _clean_pass: Callable[..., Any] | None = None,
 ) -> Callable[..., SharpnessAwareGrads]:
     r"""Builds the jitted two-pass gradient function of sharpness-aware training.
 
@@ -316,7 +337,7 @@ def sharpness_aware_grad(
     run = on_mesh(local, data)
 
     @jax.jit
-    def jitted(params, batch, *args, ascent_state=None, flag=_Always()):
+    def jitted(params, batch, *args, ascent_state=None, flag=_ALWAYS):
         if ascent_state is None:
             ascent_state = geometry.init(params)
             if jax.tree.leaves(ascent_state):

@@ -11,10 +11,11 @@ import numpy as np
 def make_params(seed: int = 0, dtype=jnp.float32):
     k = jax.random.split(jax.random.PRNGKey(seed), 4)
     return {
-        "dense1": {"kernel": jax.random.normal(k[0], (5, 7), dtype) * 0.5,
-                   "bias": jax.random.normal(k[1], (7,), dtype) * 0.1},
-        "dense2": {"kernel": jax.random.normal(k[2], (7, 3), dtype) * 0.5,
-                   "bias": jnp.zeros((3,), dtype)},
+        "dense1": {
+            "kernel": jax.random.normal(k[0], (5, 7), dtype) * 0.5,
+            "bias": jax.random.normal(k[1], (7,), dtype) * 0.1,
+        },
+        "dense2": {"kernel": jax.random.normal(k[2], (7, 3), dtype) * 0.5, "bias": jnp.zeros((3,), dtype)},
         "scale": jnp.asarray(1.5, dtype),
     }
 
@@ -55,13 +56,16 @@ def sam_grads_by_hand(params, batch, rho, eps=1e-12, m=None):
     m = n if m is None else m
     gs, gps = [], []
     for i in range(n // m):
-        chunk = jax.tree.map(lambda a: a[i * m:(i + 1) * m], batch)
+        chunk = jax.tree.map(lambda a: a[i * m : (i + 1) * m], batch)
         g = jax.grad(loss_fn)(params, chunk)
         norm = tree_norm(g)
         pert = tmap(lambda p, gi: p + rho * gi / (norm + eps), params, g)
         gps.append(jax.grad(loss_fn)(pert, chunk))
         gs.append(g)
-    mean = lambda ts: tmap(lambda *xs: sum(xs) / len(xs), *ts)
+
+    def mean(ts):
+        return tmap(lambda *xs: sum(xs) / len(xs), *ts)
+
     return mean(gs), mean(gps)
 
 
@@ -79,10 +83,12 @@ def batches(n_steps: int, n: int = 32, seed: int = 100):
 def train(tx, geo, params, batch_list, *, m=None, mesh=None, loss=None, data_selection=None, **sa_kwargs):
     """Runs the library's two-pass helper + rule for len(batch_list) steps."""
     import optax
+
     import sam_optax
 
     f = sam_optax.sharpness_aware_grad(
-        loss or loss_fn, geo, sam_optax.data.shards(m=m, mesh=mesh, selection=data_selection), **sa_kwargs)
+        loss or loss_fn, geo, sam_optax.data.shards(m=m, mesh=mesh, selection=data_selection), **sa_kwargs
+    )
     state, ascent = tx.init(params), geo.init(params)
 
     @jax.jit

@@ -169,8 +169,13 @@ def loss_with_int_aux(params, batch):
 
 @pytest.mark.parametrize(
     "data",
-    [shards(4, chunk_mode="vmap"), shards(4, chunk_mode="unroll"), shards(4, chunk_mode="scan"),
-     shards(microbatch_size=4), shards(16, microbatch_size=4, chunk_mode="scan")],
+    [
+        shards(4, chunk_mode="vmap"),
+        shards(4, chunk_mode="unroll"),
+        shards(4, chunk_mode="scan"),
+        shards(microbatch_size=4),
+        shards(16, microbatch_size=4, chunk_mode="scan"),
+    ],
     ids=["vmap", "unroll", "scan", "micro", "scan+micro"],
 )
 def test_integer_aux_is_the_max_over_shards_in_every_layout(data):
@@ -194,8 +199,7 @@ def test_second_pass_has_one_meaning():
         f(P0, batch, second_pass=None)
     never = f(P0, batch, second_pass=False)
     assert_trees_close(never.perturbed_grads, never.grads)
-    assert_trees_close(f(P0, batch, second_pass=jnp.asarray(True)).perturbed_grads,
-                       f(P0, batch).perturbed_grads)
+    assert_trees_close(f(P0, batch, second_pass=jnp.asarray(True)).perturbed_grads, f(P0, batch).perturbed_grads)
     init, step = sam_optax.sharpness_aware_step(loss_fn, sam_optax.sam(optax.sgd(0.1)))
     with pytest.raises(ValueError, match="second_pass must be 'auto'"):
         step(P0, init(P0), batch, second_pass=None)
@@ -210,8 +214,19 @@ def test_the_two_pass_machinery_has_no_function_over_80_lines():
     """Issue 10: chunk layouts, device layout, multi-step ascent and data selection each in
     their own place, no function longer than about 80 lines (docstrings not counted)."""
     root = pathlib.Path(sam_optax.__file__).parent
-    files = ["two_pass.py", "_ascent.py", "one_object.py", "train.py", "data/_axis.py", "data/_layout.py",
-             "data/_devices.py", "data/_selection.py", "data/_shards.py", "rules/_base.py", "rules/_wrappers.py"]
+    files = [
+        "two_pass.py",
+        "_ascent.py",
+        "one_object.py",
+        "train.py",
+        "data/_axis.py",
+        "data/_layout.py",
+        "data/_devices.py",
+        "data/_selection.py",
+        "data/_shards.py",
+        "rules/_base.py",
+        "rules/_wrappers.py",
+    ]
     long = []
     for name in files:
         tree = ast.parse((root / name).read_text())

@@ -9,8 +9,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 import sam_optax
-from sam_optax import averaging, geometry
 from helpers import assert_trees_close, batches, loss_fn, make_params, sam_grads_by_hand, tmap, train
+from sam_optax import averaging, geometry
 
 RHO = 0.05
 P0 = make_params()
@@ -36,6 +36,7 @@ def hand_momentum_sgd(direction, lr=0.1, beta=0.9, steps=8, post=None):
 
 
 # ---- SWA ---------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("start, period", [(2, 3), (0, 4)])
 def test_wsam_swa_average_is_mean_of_snapshots(start, period):
@@ -87,6 +88,7 @@ def test_swa_schedules():
 
 # ---- EMA ---------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("debias", [False, True])
 def test_sam_ema_by_hand(debias):
     d = 0.7
@@ -95,7 +97,7 @@ def test_sam_ema_by_hand(debias):
     traj = hand_momentum_sgd(lambda g, gp: gp)
     t = len(traj) - 1
     if debias:  # sum_s d^(t-s) (1-d) w_s / (1 - d^t), s = 1..t, written out (no recursion)
-        want = tmap(lambda *ws: sum(d ** (t - s) * (1 - d) * ws[s] for s in range(1, t + 1)) / (1 - d ** t), *traj)
+        want = tmap(lambda *ws: sum(d ** (t - s) * (1 - d) * ws[s] for s in range(1, t + 1)) / (1 - d**t), *traj)
         # = optax.ema (of updates) fed with the weights
         ema = optax.ema(d, debias=True)
         es = ema.init(P0)
@@ -111,6 +113,7 @@ def test_sam_ema_by_hand(debias):
 
 
 # ---- Lookahead -----------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("momentum", ["none", "reset", "pullback"])
 def test_sam_inside_lookahead_by_hand(momentum):
@@ -174,7 +177,7 @@ def test_lookahead_reset_zeroes_adams_first_moment_only():
     inner = optax.adam(1e-2)
     p, s = P0, la.init(P0)
     q, si = P0, inner.init(P0)
-    for t, b in enumerate(BATCHES[:k], start=1):
+    for b in BATCHES[:k]:
         u, s = la.update(GRAD(p, b), s, p)
         p = optax.apply_updates(p, u)
         ui, si = inner.update(GRAD(q, b), si, q)  # same fast trajectory up to the first sync
@@ -197,12 +200,14 @@ def test_lookahead_momentum_options_need_buffers():
 
 # ---- composition: nesting, accessors, checkpoints, jit ------------------------------------
 
+
 def nested(dtype=None):
     """EMA of SWA of Lookahead of WSAM: every wrapper sees final updates from the next."""
     rule = sam_optax.wsam(optax.sgd(0.05, momentum=0.9), 0.8, learning_rate=0.05)
     la = averaging.lookahead(rule, 2, 0.5, momentum="pullback")
-    return averaging.weight_ema(averaging.swa(la, 1, 2, accumulator_dtype=dtype), 0.9, debias=True,
-                                accumulator_dtype=dtype)
+    return averaging.weight_ema(
+        averaging.swa(la, 1, 2, accumulator_dtype=dtype), 0.9, debias=True, accumulator_dtype=dtype
+    )
 
 
 def make_step(tx, donate=False):
@@ -295,8 +300,11 @@ def test_bad_hyperparameters_raise(make, arg):
 
 
 def test_wrappers_need_params():
-    for tx in [averaging.swa(optax.sgd(0.1), 0), averaging.weight_ema(optax.sgd(0.1)),
-               averaging.lookahead(optax.sgd(0.1))]:
+    for tx in [
+        averaging.swa(optax.sgd(0.1), 0),
+        averaging.weight_ema(optax.sgd(0.1)),
+        averaging.lookahead(optax.sgd(0.1)),
+    ]:
         with pytest.raises(ValueError, match="params"):
             tx.update(P0, tx.init(P0))
 

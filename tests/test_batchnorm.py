@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sam_optax import averaging
 from helpers import assert_trees_close
+from sam_optax import averaging
 
 EPS = 1e-5  # Flax's BatchNorm epsilon
 X = jax.random.normal(jax.random.PRNGKey(3), (64, 5)) * 2.0 + 1.0
@@ -65,13 +65,19 @@ def averaged_linen_variables():
 def test_linen_recompute_gives_the_averaged_models_statistics(variance, sizes):
     model, variables = averaged_linen_variables()
     xs = np.split(np.asarray(X), np.cumsum(sizes)[:-1])
-    forward = lambda v, b: model.apply(v, b, train=True, mutable=["batch_stats"])
+
+    def forward(v, b):
+        return model.apply(v, b, train=True, mutable=["batch_stats"])
+
     stats = averaging.recompute_batch_stats(forward, variables, xs, variance=variance)
 
     p = jax.tree.map(lambda a: np.asarray(a, np.float64), variables["params"])
-    per_batch = hand_stats((p["Dense_0"]["kernel"], p["Dense_0"]["bias"]),
-                           (p["BatchNorm_0"]["scale"], p["BatchNorm_0"]["bias"]),
-                           (p["Dense_1"]["kernel"], p["Dense_1"]["bias"]), xs)
+    per_batch = hand_stats(
+        (p["Dense_0"]["kernel"], p["Dense_0"]["bias"]),
+        (p["BatchNorm_0"]["scale"], p["BatchNorm_0"]["bias"]),
+        (p["Dense_1"]["kernel"], p["Dense_1"]["bias"]),
+        xs,
+    )
     (m1, v1), (m2, v2) = expected(per_batch, variance)
     np.testing.assert_allclose(stats["BatchNorm_0"]["mean"], m1, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(stats["BatchNorm_0"]["var"], v1, rtol=1e-5, atol=1e-5)
@@ -89,7 +95,10 @@ def test_linen_recompute_gives_the_averaged_models_statistics(variance, sizes):
 
 def test_linen_recompute_errors():
     model, variables = averaged_linen_variables()
-    forward = lambda v, b: model.apply(v, b, train=True, mutable=["batch_stats"])
+
+    def forward(v, b):
+        return model.apply(v, b, train=True, mutable=["batch_stats"])
+
     with pytest.raises(ValueError, match="empty"):
         averaging.recompute_batch_stats(forward, variables, [])
     with pytest.raises(ValueError, match="variance"):
@@ -120,7 +129,9 @@ def test_nnx_recompute_in_place(variance):
     per_batch = hand_stats(
         (np.asarray(model.l1.kernel[...], np.float64), np.asarray(model.l1.bias[...], np.float64)),
         (np.asarray(model.bn1.scale[...], np.float64), np.asarray(model.bn1.bias[...], np.float64)),
-        (np.asarray(model.l2.kernel[...], np.float64), np.asarray(model.l2.bias[...], np.float64)), xs)
+        (np.asarray(model.l2.kernel[...], np.float64), np.asarray(model.l2.bias[...], np.float64)),
+        xs,
+    )
     (m1, v1), (m2, v2) = expected(per_batch, variance)
     for bn, m, v in [(model.bn1, m1, v1), (model.bn2, m2, v2)]:
         np.testing.assert_allclose(bn.mean[...], m, rtol=1e-5, atol=1e-5)
@@ -139,7 +150,12 @@ def test_linen_and_nnx_agree_with_each_other():
     nmodel.l2.kernel[...], nmodel.l2.bias[...] = p["Dense_1"]["kernel"], p["Dense_1"]["bias"]
     xs = [X[:32], X[32:]]
     stats = averaging.recompute_batch_stats(
-        lambda v, b: model.apply(v, b, train=True, mutable=["batch_stats"]), variables, xs)
+        lambda v, b: model.apply(v, b, train=True, mutable=["batch_stats"]), variables, xs
+    )
     averaging.recompute_batch_stats_nnx(nmodel, xs)
-    assert_trees_close({"m": nmodel.bn2.mean[...], "v": nmodel.bn2.var[...]},
-                       {"m": stats["bn_out"]["mean"], "v": stats["bn_out"]["var"]}, rtol=1e-5, atol=1e-6)
+    assert_trees_close(
+        {"m": nmodel.bn2.mean[...], "v": nmodel.bn2.var[...]},
+        {"m": stats["bn_out"]["mean"], "v": stats["bn_out"]["var"]},
+        rtol=1e-5,
+        atol=1e-6,
+    )

@@ -46,9 +46,11 @@ def test_convnet_downsamples_and_is_residual():
     net = bm.resnet((4, 8), 1)
     params = jax.eval_shape(net.init, jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))["params"]
     # the second stage's first conv has stride 2, its projection 1x1 too: 32x32 -> 16x16 (shapes only)
-    feats = jax.eval_shape(lambda p, x: net.apply({"params": p}, x, capture_intermediates=True,
-                                                  mutable=["intermediates"])[1], params,
-                           jnp.ones((1, 32, 32, 3)))["intermediates"]
+    feats = jax.eval_shape(
+        lambda p, x: net.apply({"params": p}, x, capture_intermediates=True, mutable=["intermediates"])[1],
+        params,
+        jnp.ones((1, 32, 32, 3)),
+    )["intermediates"]
     assert set(params["Block_1"]) == {"Conv_0", "Conv_1", "Conv_2", "GroupNorm_0", "GroupNorm_1", "GroupNorm_2"}
     assert set(params["Block_0"]) == {"Conv_0", "Conv_1", "GroupNorm_0", "GroupNorm_1"}  # identity skip
     assert feats["Block_1"]["__call__"][0].shape == (1, 16, 16, 8)
@@ -65,8 +67,19 @@ def test_every_target_has_its_method_and_names_are_unique():
     assert len(names) == len(set(names))
     assert {t.row or k for k, t in bm.TARGETS.items()} <= set(names)
     assert names[:3] == ["base", "sam", "contrib_opaque"] and set(bm.REQUIRED) <= set(names)
-    assert {"esam", "looksam", "looksam_host", "looksam_reuse", "sam_chunks", "sam_chunks_b4",
-            "sam_chunks_vmap", "sam_chunks_unroll", "gsam", "wsam", "contrib_transparent"} <= set(names)
+    assert {
+        "esam",
+        "looksam",
+        "looksam_host",
+        "looksam_reuse",
+        "sam_chunks",
+        "sam_chunks_b4",
+        "sam_chunks_vmap",
+        "sam_chunks_unroll",
+        "gsam",
+        "wsam",
+        "contrib_transparent",
+    } <= set(names)
 
 
 def test_models_have_their_batch_and_inputs():
@@ -82,13 +95,22 @@ def test_models_have_their_batch_and_inputs():
 
 
 def _row(base=1.0, sam=1.0, contrib=1.0, extra=0.0):
-    return {"ratio_to_base": base, "ratio_to_sam": sam, "ratio_to_contrib_opaque": contrib,
-            "extra_peak_over_base_in_param_bytes": extra}
+    return {
+        "ratio_to_base": base,
+        "ratio_to_sam": sam,
+        "ratio_to_contrib_opaque": contrib,
+        "extra_peak_over_base_in_param_bytes": extra,
+    }
 
 
 def test_targets_apply_per_model_and_backend():
-    table = {"sam": _row(base=2.0, contrib=0.99, extra=0.5), "looksam": _row(base=1.3),
-             "looksam_host": _row(base=1.2), "looksam_reuse": _row(base=1.06), "sam_chunks": _row(sam=1.09)}
+    table = {
+        "sam": _row(base=2.0, contrib=0.99, extra=0.5),
+        "looksam": _row(base=1.3),
+        "looksam_host": _row(base=1.2),
+        "looksam_reuse": _row(base=1.06),
+        "sam_chunks": _row(sam=1.09),
+    }
     cpu_mlp = bm.targets(table, "mlp", "cpu")
     assert cpu_mlp["looksam"] == {"value": 1.3, "target": "<= 1.23 x base", "applies": True, "met": False}
     assert cpu_mlp["looksam_host"]["met"] is True and cpu_mlp["looksam_reuse"]["met"] is False
@@ -116,14 +138,39 @@ def test_time_budget_compiles_only_the_references():
     state, info = bm._compile_all("m", methods, x, x, progress=False, deadline=0.0)
     assert sorted(info) == ["base", "contrib_opaque", "sam"]
     assert info["sam"]["device_memory"] is None and info["sam"]["memory"]["peak_bytes"] > 0
-    done = bm._time_rounds("m", [m for m in methods if m.name in info], state, info, x, rounds=5,
-                           steps_per_round=1, seed=0, progress=False, deadline=0.0)
+    done = bm._time_rounds(
+        "m",
+        [m for m in methods if m.name in info],
+        state,
+        info,
+        x,
+        rounds=5,
+        steps_per_round=1,
+        seed=0,
+        progress=False,
+        deadline=0.0,
+    )
     assert done == 1 and all(len(i["times"]) == 1 for i in info.values())
 
 
 def test_bench_parser_validates_models_and_convnet():
-    _, args = bm._parse(["--models", "convnet", "--convnet-widths", "64", "128", "256", "512",
-                         "--convnet-blocks", "2", "--batch-size", "256", "--max-seconds", "200"])
+    _, args = bm._parse(
+        [
+            "--models",
+            "convnet",
+            "--convnet-widths",
+            "64",
+            "128",
+            "256",
+            "512",
+            "--convnet-blocks",
+            "2",
+            "--batch-size",
+            "256",
+            "--max-seconds",
+            "200",
+        ]
+    )
     assert args.models == ["convnet"] and args.convnet_widths == [64, 128, 256, 512] and args.max_seconds == 200
     assert bm._parse([])[1].batch_size is None and bm._parse([])[1].models == ["mlp", "cnn", "convnet"]
     for bad in (["--models", "resnet"], ["--convnet-widths", "0"], ["--max-seconds", "-1"], ["--batch-size", "12"]):
@@ -143,17 +190,44 @@ def _fake_results(backend):
     info = {}
     for i, name in enumerate(["base", "sam", "contrib_opaque", "looksam", "sam_chunks"]):
         t = [1.0 + i, 2.0 + i]
-        info[name] = {"times": t, "compile_s": 1.0, "flops": 10.0 * (i + 1), "bytes_accessed": 5.0,
-                      "memory": {"peak_bytes": 100 * (i + 1)}, "device_memory": None}
+        info[name] = {
+            "times": t,
+            "compile_s": 1.0,
+            "flops": 10.0 * (i + 1),
+            "bytes_accessed": 5.0,
+            "memory": {"peak_bytes": 100 * (i + 1)},
+            "device_memory": None,
+        }
     methods = [bm.Method(n, None, None) for n in info]
     table = bm._summarize(methods, info, param_bytes=50)
-    machine = {"backend": backend, "device": "NVIDIA H200" if backend == "gpu" else "cpu", "devices": 1,
-               "cpu_count": 16, "platform": "Linux", "jax": "0.10.2"}
-    model = {"batch_size": 256, "param_bytes": 50, "param_count": 11_200_000, "rounds_done": 2, "skipped": [],
-             "methods": table, "targets": bm.targets(table, "convnet", backend)}
-    return {"machine": machine, "settings": {"batch_size": 256, "rounds": 2, "steps_per_round": 1,
-                                             "convnet": {"widths": [64, 128, 256, 512], "blocks": 2}},
-            "complete": True, "models": {"convnet": model}}
+    machine = {
+        "backend": backend,
+        "device": "NVIDIA H200" if backend == "gpu" else "cpu",
+        "devices": 1,
+        "cpu_count": 16,
+        "platform": "Linux",
+        "jax": "0.10.2",
+    }
+    model = {
+        "batch_size": 256,
+        "param_bytes": 50,
+        "param_count": 11_200_000,
+        "rounds_done": 2,
+        "skipped": [],
+        "methods": table,
+        "targets": bm.targets(table, "convnet", backend),
+    }
+    return {
+        "machine": machine,
+        "settings": {
+            "batch_size": 256,
+            "rounds": 2,
+            "steps_per_round": 1,
+            "convnet": {"widths": [64, 128, 256, 512], "blocks": 2},
+        },
+        "complete": True,
+        "models": {"convnet": model},
+    }
 
 
 @pytest.mark.parametrize("backend", ["gpu", "cpu"])

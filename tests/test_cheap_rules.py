@@ -9,9 +9,9 @@ import optax
 import pytest
 
 import sam_optax
+from helpers import batches, loss_fn, make_params
 from sam_optax import geometry, rules
 from sam_optax.rules._base import global_norm_parts
-from helpers import batches, loss_fn, make_params
 
 K = 3
 
@@ -63,7 +63,9 @@ def test_reuse_program_runs_one_gradient_pass_and_no_full_step_branch():
     # no conditional with array outputs: only the norm's overflow fallback, with scalar outputs
     conds = [line for line in reuse.lower(p, s, data[0]).compile().as_text().splitlines() if " conditional(" in line]
     assert conds and not any(re.search(r"f32\[\d", line.split("conditional(")[0]) for line in conds)
-    full_conds = [line for line in full.lower(p, s, data[0]).compile().as_text().splitlines() if " conditional(" in line]
+    full_conds = [
+        line for line in full.lower(p, s, data[0]).compile().as_text().splitlines() if " conditional(" in line
+    ]
     assert len(full_conds) > len(conds)  # the full program also updates the stored direction
 
 

@@ -13,12 +13,18 @@ from sam_optax.data import _layout
 RNG = np.random.default_rng(0)
 SIZES = [(20, 64), (64, 64), (64, 10)]
 MLP_PARAMS = [{"w": jnp.asarray(RNG.normal(size=s) * 0.1, jnp.float32), "b": jnp.zeros(s[1])} for s in SIZES]
-MLP_BATCH = {"x": jnp.asarray(RNG.normal(size=(32, 20)), jnp.float32),
-             "y": jnp.asarray(RNG.normal(size=(32, 10)), jnp.float32)}
-CONV_PARAMS = {"k": jnp.asarray(RNG.normal(size=(3, 1, 4)) * 0.3, jnp.float32),
-               "w": jnp.asarray(RNG.normal(size=(4 * 16, 2)) * 0.1, jnp.float32)}
-CONV_BATCH = {"x": jnp.asarray(RNG.normal(size=(16, 16, 1)), jnp.float32),
-              "y": jnp.asarray(RNG.normal(size=(16, 2)), jnp.float32)}
+MLP_BATCH = {
+    "x": jnp.asarray(RNG.normal(size=(32, 20)), jnp.float32),
+    "y": jnp.asarray(RNG.normal(size=(32, 10)), jnp.float32),
+}
+CONV_PARAMS = {
+    "k": jnp.asarray(RNG.normal(size=(3, 1, 4)) * 0.3, jnp.float32),
+    "w": jnp.asarray(RNG.normal(size=(4 * 16, 2)) * 0.1, jnp.float32),
+}
+CONV_BATCH = {
+    "x": jnp.asarray(RNG.normal(size=(16, 16, 1)), jnp.float32),
+    "y": jnp.asarray(RNG.normal(size=(16, 2)), jnp.float32),
+}
 
 
 def mlp_loss(p, b):
@@ -41,6 +47,7 @@ def conv_loss(p, b):
 
 def test_auto_mode_per_model_on_cpu():
     assert jax.default_backend() == "cpu"
+
     def chunks(batch, n):
         return jax.tree.map(lambda x: jnp.broadcast_to(x, (n,) + x.shape), batch)
 
@@ -56,10 +63,13 @@ def test_auto_is_the_default_and_validated():
         sam_optax.data.shards(4, chunk_mode="fast")
 
 
-@pytest.mark.parametrize("loss, params, batch, picked", [
-    (conv_loss, CONV_PARAMS, CONV_BATCH, "unroll"), (mlp_loss, MLP_PARAMS, MLP_BATCH, "vmap")])
+@pytest.mark.parametrize(
+    "loss, params, batch, picked",
+    [(conv_loss, CONV_PARAMS, CONV_BATCH, "unroll"), (mlp_loss, MLP_PARAMS, MLP_BATCH, "vmap")],
+)
 def test_auto_gives_the_layout_it_picks(loss, params, batch, picked):
     """'auto' traces the program of the layout it picks (the same jaxpr) and the same numbers as vmap."""
+
     def grads(mode):
         return sam_optax.sharpness_aware_grad(loss, geometry.l2(0.1), sam_optax.data.shards(4, chunk_mode=mode))
 

@@ -50,22 +50,54 @@ def test_bad_arguments_exit_2_with_a_message(argv, message, capsys):
 
 def test_batch_larger_than_the_training_set_is_a_usage_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
-        cli.main(["compare", "--dataset", "digits", "--batch-size", "5000", "--methods", "sgd",
-                  "--out", str(tmp_path), "--no-progress"])
+        cli.main(
+            [
+                "compare",
+                "--dataset",
+                "digits",
+                "--batch-size",
+                "5000",
+                "--methods",
+                "sgd",
+                "--out",
+                str(tmp_path),
+                "--no-progress",
+            ]
+        )
     err = capsys.readouterr().err
     assert e.value.code == 2 and "Traceback" not in err and "usage: sam-optax compare" in err
     assert "argument --batch-size: 5000 is larger than the training set of digits (1437 examples)" in err
 
 
 def test_bench_argument_errors():
-    out = subprocess.run([sys.executable, "-m", "sam_optax.cli", "bench", "--batch-size", "12"],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "sam_optax.cli", "bench", "--batch-size", "12"], capture_output=True, text=True
+    )
     assert out.returncode == 2 and "multiple of 8" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_compare_small_run(tmp_path, capsys):
-    rc = cli.main(["compare", "--dataset", "digits", "--model", "mlp", "--epochs", "2", "--methods", "sgd", "sam",
-                   "esam", "swa", "--label-noise", "0.2", "--out", str(tmp_path), "--no-progress"])
+    rc = cli.main(
+        [
+            "compare",
+            "--dataset",
+            "digits",
+            "--model",
+            "mlp",
+            "--epochs",
+            "2",
+            "--methods",
+            "sgd",
+            "sam",
+            "esam",
+            "swa",
+            "--label-noise",
+            "0.2",
+            "--out",
+            str(tmp_path),
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     out = capsys.readouterr().out
     assert "lambda_max" in out and "esam" in out
@@ -90,17 +122,36 @@ def test_toy_reproduces_the_wsam_figure(tmp_path, capsys):
     # coupled gamma=0.95 match an independent float64 reference to 1e-5 (test_cli_robust.py); the float32
     # run ended 0.29 away (19.84, 30.06). Coupled gamma=0.6 bounces around the sharp minimum, where
     # rounding of gamma alone moves the end point by 0.1, so it gets a looser bound.
-    for label, (mu, sigma), tol in [("SAM", (-16.787, 12.747), 0.002),
-                                    ("WSAM coupled gamma=0.95", (19.815, 29.766), 0.002),
-                                    ("WSAM coupled gamma=0.6", (-16.8, 12.8), 0.15)]:
+    for label, (mu, sigma), tol in [
+        ("SAM", (-16.787, 12.747), 0.002),
+        ("WSAM coupled gamma=0.95", (19.815, 29.766), 0.002),
+        ("WSAM coupled gamma=0.6", (-16.8, 12.8), 0.15),
+    ]:
         assert abs(float(rows[label][0]) - mu) <= tol and abs(float(rows[label][1]) - sigma) <= tol, rows[label]
     assert (tmp_path / "wsam_toy.png").stat().st_size > 10_000
 
 
 def test_compare_runs_the_efficient_methods_and_reports_their_second_pass_fraction(tmp_path, capsys):
     methods = ["periodic", "ae_sam", "rwp"]  # (rst and msam: tests/test_experiments.py)
-    rc = cli.main(["compare", "--dataset", "digits", "--model", "mlp", "--epochs", "1", "--methods", *methods,
-                   "--seed", "1", "--no-hessian", "--out", str(tmp_path), "--no-progress"])
+    rc = cli.main(
+        [
+            "compare",
+            "--dataset",
+            "digits",
+            "--model",
+            "mlp",
+            "--epochs",
+            "1",
+            "--methods",
+            *methods,
+            "--seed",
+            "1",
+            "--no-hessian",
+            "--out",
+            str(tmp_path),
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     out = capsys.readouterr().out
     assert "2nd pass" in out and "rwp" in out

@@ -136,7 +136,7 @@ def test_compare_checks_its_output_paths_before_training(bad, tmp_path, monkeypa
         cli.main(["compare", "--out", str(out)])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "usage: sam-optax compare" in err and "Traceback" not in err
-    assert f"sam-optax compare: error: argument --out: " in err and expected in err
+    assert "sam-optax compare: error: argument --out: " in err and expected in err
 
 
 @pytest.mark.parametrize("bad", ["an existing file", "a folder named like the JSON"])
@@ -147,8 +147,9 @@ def test_bench_checks_its_output_path_before_running(bad, tmp_path):
     else:
         out, expected = tmp_path, "step_cost_cpu.json' is a folder"
         (tmp_path / "step_cost_cpu.json").mkdir()
-    r = subprocess.run(_cli("bench", "--out", str(out), *TINY_BENCH), capture_output=True, text=True, env=ENV,
-                       timeout=120)
+    r = subprocess.run(
+        _cli("bench", "--out", str(out), *TINY_BENCH), capture_output=True, text=True, env=ENV, timeout=120
+    )
     assert r.returncode == 2, r.stderr
     assert "usage: sam-optax bench" in r.stderr and expected in r.stderr and "Traceback" not in r.stderr
     assert "compiled" not in r.stdout  # nothing ran
@@ -188,15 +189,17 @@ def _assert_one_clean_line(err):
 
 def test_ctrl_c_in_compare_saves_the_methods_that_finished(tmp_path):
     methods = ["sgd", "sam", "wsam", "gsam"]
-    rc, out, err = _interrupt_after(_cli("compare", *TINY, "--epochs", "5", "--methods", *methods,
-                                         "--out", str(tmp_path)), lambda line: line.startswith("sgd: done"))
+    rc, out, err = _interrupt_after(
+        _cli("compare", *TINY, "--epochs", "5", "--methods", *methods, "--out", str(tmp_path)),
+        lambda line: line.startswith("sgd: done"),
+    )
     assert rc == 130, err
     line = _assert_one_clean_line(err)
     assert "marked incomplete" in line and "results.json" in line
     payload = json.loads((tmp_path / "results.json").read_text())
     assert payload["complete"] is False and payload["methods"] == methods
     done = [r["method"] for r in payload["results"]]
-    assert 1 <= len(done) < len(methods) and done == methods[:len(done)]
+    assert 1 <= len(done) < len(methods) and done == methods[: len(done)]
     assert (tmp_path / "accuracy.png").stat().st_size > 10_000
     assert sorted(os.listdir(tmp_path)) == ["accuracy.png", "results.json"]  # no temporary file, no lock
 
@@ -205,8 +208,9 @@ def test_ctrl_c_in_compare_saves_the_methods_that_finished(tmp_path):
 def test_ctrl_c_in_bench_stops_cleanly(tmp_path, signum):
     """SIGTERM (``timeout``, ``kill``) to ``sam-optax bench`` is Ctrl-C too: it used to kill the
     launcher only, leaving the benchmark process running and, when killed, its lock file."""
-    rc, out, err = _interrupt_after(_cli("bench", "--out", str(tmp_path), *TINY_BENCH),
-                                    lambda line: "compiled base" in line, signum=signum)
+    rc, out, err = _interrupt_after(
+        _cli("bench", "--out", str(tmp_path), *TINY_BENCH), lambda line: "compiled base" in line, signum=signum
+    )
     assert rc == 130, err
     assert "nothing saved" in _assert_one_clean_line(err)
     assert os.listdir(tmp_path) == []
@@ -222,8 +226,9 @@ def test_bench_interrupted_during_the_rounds_keeps_the_rounds_done(monkeypatch):
     info = {m.name: {"times": []} for m in methods}
     state = {m.name: (jnp.zeros(()), None) for m in methods}
     monkeypatch.setattr(_interrupt, "_requested", True)
-    done = benchmarking._time_rounds("mlp", methods, state, info, None, rounds=5, steps_per_round=2, seed=0,
-                                     progress=False)
+    done = benchmarking._time_rounds(
+        "mlp", methods, state, info, None, rounds=5, steps_per_round=2, seed=0, progress=False
+    )
     assert done == 1 and [len(i["times"]) for i in info.values()] == [1, 1]
 
 
@@ -247,8 +252,9 @@ with _io.lock_folder(sys.argv[1], command="sam-optax compare (the first run)"):
 
 
 def test_a_second_run_into_a_locked_folder_stops_at_once(tmp_path, capsys):
-    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(tmp_path)], stdout=subprocess.PIPE, text=True,
-                              env=ENV)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, str(tmp_path)], stdout=subprocess.PIPE, text=True, env=ENV
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(SystemExit) as e:
@@ -284,8 +290,21 @@ def test_a_toy_run_that_diverges_is_an_error_not_a_sharp_minimum(tmp_path, capsy
 
 
 def test_a_single_training_step_reports_no_speed_rather_than_zero(tmp_path, capsys):
-    rc = cli.main(["compare", *TINY, "--batch-size", "1437", "--epochs", "1", "--methods", "sgd", "--no-hessian",
-                   "--out", str(tmp_path)])
+    rc = cli.main(
+        [
+            "compare",
+            *TINY,
+            "--batch-size",
+            "1437",
+            "--epochs",
+            "1",
+            "--methods",
+            "sgd",
+            "--no-hessian",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0
     assert json.loads((tmp_path / "results.json").read_text())["results"][0]["steps_per_second"] is None

@@ -8,17 +8,21 @@ import numpy as np
 import optax
 import pytest
 
-from sam_optax import rules
 from helpers import assert_trees_close, tmap, tree_norm
+from sam_optax import rules
 
 P0 = {"w": jnp.array([1.0, -2.0, 3.0]), "b": jnp.array([0.5])}
 # three steps of (clean, perturbed) gradients, norms > 1 so that clipping to 1 acts
-G = [{"w": jnp.array([0.9, -1.2, 0.4]), "b": jnp.array([0.8])},
-     {"w": jnp.array([-0.5, 1.5, 1.0]), "b": jnp.array([-0.3])},
-     {"w": jnp.array([2.0, 0.1, -0.7]), "b": jnp.array([0.6])}]
-GP = [{"w": jnp.array([1.3, -1.0, 0.9]), "b": jnp.array([1.1])},
-      {"w": jnp.array([-0.9, 2.0, 1.2]), "b": jnp.array([-0.8])},
-      {"w": jnp.array([2.4, -0.6, -1.0]), "b": jnp.array([0.2])}]
+G = [
+    {"w": jnp.array([0.9, -1.2, 0.4]), "b": jnp.array([0.8])},
+    {"w": jnp.array([-0.5, 1.5, 1.0]), "b": jnp.array([-0.3])},
+    {"w": jnp.array([2.0, 0.1, -0.7]), "b": jnp.array([0.6])},
+]
+GP = [
+    {"w": jnp.array([1.3, -1.0, 0.9]), "b": jnp.array([1.1])},
+    {"w": jnp.array([-0.9, 2.0, 1.2]), "b": jnp.array([-0.8])},
+    {"w": jnp.array([2.4, -0.6, -1.0]), "b": jnp.array([0.2])},
+]
 LR, GAMMA = 0.1, 0.9
 ALPHA = GAMMA / (1 - GAMMA)
 
@@ -69,7 +73,8 @@ MISPLACED = {
     "MultiSteps(sam)": lambda: optax.MultiSteps(sam_sgd(), 2),
     "MultiSteps(wsam)": lambda: optax.MultiSteps(wsam_sgd(), 2),
     "chain(scale, apply_to_both)": lambda: optax.chain(
-        optax.scale(2.0), rules.apply_to_both(optax.clip_by_global_norm(1.0), sam_sgd())),
+        optax.scale(2.0), rules.apply_to_both(optax.clip_by_global_norm(1.0), sam_sgd())
+    ),
     "chain(scale, accumulate)": lambda: optax.chain(optax.scale(2.0), rules.accumulate(sam_sgd(), 2)),
     "chain(scale, skip_nonfinite)": lambda: optax.chain(optax.scale(2.0), rules.skip_nonfinite(sam_sgd(), 2)),
 }
@@ -77,15 +82,17 @@ MISPLACED = {
 ALLOWED = {
     "chain(identity, sam)": lambda: optax.chain(optax.identity(), sam_sgd(), optax.scale(2.0)),
     "masked(sam)": lambda: optax.masked(sam_sgd(), {"w": True, "b": False}),
-    "wsam(inject_hyperparams base)": lambda: rules.wsam(
-        optax.inject_hyperparams(optax.sgd)(learning_rate=LR), GAMMA),
+    "wsam(inject_hyperparams base)": lambda: rules.wsam(optax.inject_hyperparams(optax.sgd)(learning_rate=LR), GAMMA),
     "inject_hyperparams(wsam)": lambda: optax.inject_hyperparams(rules.wsam)(
-        optax.sgd(LR), gamma=GAMMA, learning_rate=LR),
+        optax.sgd(LR), gamma=GAMMA, learning_rate=LR
+    ),
     "multi_transform": lambda: optax.multi_transform(
-        {"rule": wsam_sgd(), "frozen": optax.set_to_zero()}, {"w": "rule", "b": "frozen"}),
+        {"rule": wsam_sgd(), "frozen": optax.set_to_zero()}, {"w": "rule", "b": "frozen"}
+    ),
     "sam(MultiSteps(sgd))": lambda: rules.sam(optax.MultiSteps(optax.sgd(LR), 2)),
     "nested wrappers": lambda: rules.skip_nonfinite(
-        rules.accumulate(rules.apply_to_both(optax.add_decayed_weights(0.01), wsam_sgd()), 2), 1),
+        rules.accumulate(rules.apply_to_both(optax.add_decayed_weights(0.01), wsam_sgd()), 2), 1
+    ),
 }
 
 
@@ -117,6 +124,7 @@ def test_without_clean_grads_nothing_is_checked():
 
 
 # ---- 2. apply_to_both ----------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("rule", ["sam", "wsam"])
 def test_apply_to_both_clips_both_gradients_by_hand(rule):
@@ -232,12 +240,16 @@ def test_skip_nonfinite_counters_mirror_optax_apply_if_finite(max_errors):
         u, rs = ref.update(gp, rs, q)
         q = optax.apply_updates(q, u)
         assert (int(s.nonfinite_streak), bool(s.last_step_finite), int(s.nonfinite_total)) == (
-            int(rs.notfinite_count), bool(rs.last_finite), int(rs.total_notfinite))
+            int(rs.notfinite_count),
+            bool(rs.last_finite),
+            int(rs.total_notfinite),
+        )
         np.testing.assert_array_equal(np.isnan(p["w"]), np.isnan(q["w"]))
     assert set(s._fields).isdisjoint(optax.ApplyIfFiniteState._fields)
 
 
 # ---- 4. accumulate ---------------------------------------------------------------------------
+
 
 def test_accumulate_equals_rule_on_means_jitted_without_recompiles():
     k, lr, beta = 3, 0.1, 0.9
@@ -261,7 +273,7 @@ def test_accumulate_equals_rule_on_means_jitted_without_recompiles():
             assert all(np.all(np.asarray(x) == 0) for x in jax.tree.leaves(u))
             assert int(s.micro_step) == (t + 1) % k
             continue
-        mg, mgp = mean(micro_g[t + 1 - k:t + 1]), mean(micro_gp[t + 1 - k:t + 1])
+        mg, mgp = mean(micro_g[t + 1 - k : t + 1]), mean(micro_gp[t + 1 - k : t + 1])
         # decoupled wsam by hand on the means: momentum on mean g, sharpness step on the means
         mom = tmap(lambda m, a: a + beta * m, mom, mg)
         want_u = tmap(lambda m, a, b: -lr * m - lr * GAMMA / (1 - GAMMA) * (b - a), mom, mg, mgp)
@@ -287,6 +299,7 @@ def test_accumulate_every_1_is_the_rule():
 
 # ---- 5. decoupled wsam refuses MultiSteps in its base -----------------------------------------
 
+
 def test_decoupled_wsam_of_multisteps_raises_at_init():
     tx = rules.wsam(optax.MultiSteps(optax.sgd(LR), 2), GAMMA, learning_rate=LR)
     with pytest.raises(ValueError, match="accumulate"):
@@ -309,6 +322,7 @@ def test_post_hook_needs_has_post():
 
 # ---- 6. state field names ---------------------------------------------------------------------
 
+
 def test_tree_get_count_finds_adams_count():
     tx = rules.sam(optax.adam(1e-3))
     s = tx.init(P0)
@@ -322,26 +336,40 @@ def test_tree_get_count_finds_adams_count():
 
 # ---- 7. check_placement -------------------------------------------------------------------------
 
-@pytest.mark.parametrize("make, fix", [
-    (lambda: optax.apply_if_finite(sam_sgd(), 3), "skip_nonfinite"),
-    (lambda: optax.MultiSteps(sam_sgd(), 2), "accumulate"),
-    (lambda: optax.MultiSteps(optax.chain(optax.identity(), wsam_sgd()), 2).gradient_transformation(), "accumulate"),
-    (lambda: optax.chain(optax.scale(1.0), optax.apply_if_finite(optax.masked(sam_sgd(), {"w": True, "b": False}), 1)),
-     "skip_nonfinite"),
-])
+
+@pytest.mark.parametrize(
+    "make, fix",
+    [
+        (lambda: optax.apply_if_finite(sam_sgd(), 3), "skip_nonfinite"),
+        (lambda: optax.MultiSteps(sam_sgd(), 2), "accumulate"),
+        (
+            lambda: optax.MultiSteps(optax.chain(optax.identity(), wsam_sgd()), 2).gradient_transformation(),
+            "accumulate",
+        ),
+        (
+            lambda: optax.chain(
+                optax.scale(1.0), optax.apply_if_finite(optax.masked(sam_sgd(), {"w": True, "b": False}), 1)
+            ),
+            "skip_nonfinite",
+        ),
+    ],
+)
 def test_check_placement_finds_rule_inside_optax_wrappers(make, fix):
     with pytest.raises(ValueError, match=fix):
         rules.check_placement(make().init(P0))
 
 
-@pytest.mark.parametrize("make", [
-    lambda: optax.chain(sam_sgd(), optax.scale(2.0)),
-    lambda: optax.masked(wsam_sgd(), {"w": True, "b": False}),
-    lambda: rules.sam(optax.MultiSteps(optax.sgd(LR), 2)),
-    lambda: rules.sam(optax.apply_if_finite(optax.sgd(LR), 2)),
-    lambda: optax.apply_if_finite(optax.sgd(LR), 2),
-    lambda: rules.skip_nonfinite(rules.accumulate(rules.apply_to_both(optax.clip(1.0), sam_sgd()), 2), 1),
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: optax.chain(sam_sgd(), optax.scale(2.0)),
+        lambda: optax.masked(wsam_sgd(), {"w": True, "b": False}),
+        lambda: rules.sam(optax.MultiSteps(optax.sgd(LR), 2)),
+        lambda: rules.sam(optax.apply_if_finite(optax.sgd(LR), 2)),
+        lambda: optax.apply_if_finite(optax.sgd(LR), 2),
+        lambda: rules.skip_nonfinite(rules.accumulate(rules.apply_to_both(optax.clip(1.0), sam_sgd()), 2), 1),
+    ],
+)
 def test_check_placement_passes_correct_placements(make):
     rules.check_placement(make().init(P0))
     rules.check_placement(jax.eval_shape(make().init, P0))
@@ -349,23 +377,30 @@ def test_check_placement_passes_correct_placements(make):
 
 # ---- 8. bad arguments -------------------------------------------------------------------------
 
-@pytest.mark.parametrize("make, arg", [
-    (lambda: rules.accumulate(sam_sgd(), 0), "every_k"),
-    (lambda: rules.accumulate(sam_sgd(), 2.0), "every_k"),
-    (lambda: rules.skip_nonfinite(sam_sgd(), -1), "max_consecutive_errors"),
-    (lambda: rules.skip_nonfinite(sam_sgd(), True), "max_consecutive_errors"),
-    (lambda: rules.sharpness_rule(optax.sgd(LR), lambda *a: None, name="x", has_post=1), "has_post"),
-])
+
+@pytest.mark.parametrize(
+    "make, arg",
+    [
+        (lambda: rules.accumulate(sam_sgd(), 0), "every_k"),
+        (lambda: rules.accumulate(sam_sgd(), 2.0), "every_k"),
+        (lambda: rules.skip_nonfinite(sam_sgd(), -1), "max_consecutive_errors"),
+        (lambda: rules.skip_nonfinite(sam_sgd(), True), "max_consecutive_errors"),
+        (lambda: rules.sharpness_rule(optax.sgd(LR), lambda *a: None, name="x", has_post=1), "has_post"),
+    ],
+)
 def test_bad_wrapper_arguments_raise(make, arg):
     with pytest.raises(ValueError, match=arg):
         make()
 
 
-@pytest.mark.parametrize("make", [
-    lambda: rules.apply_to_both(optax.identity(), sam_sgd()),
-    lambda: rules.accumulate(sam_sgd(), 2),
-    lambda: rules.skip_nonfinite(sam_sgd(), 2),
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: rules.apply_to_both(optax.identity(), sam_sgd()),
+        lambda: rules.accumulate(sam_sgd(), 2),
+        lambda: rules.skip_nonfinite(sam_sgd(), 2),
+    ],
+)
 def test_wrappers_need_perturbed_grads(make):
     tx = make()
     with pytest.raises(ValueError, match="perturbed_grads"):

@@ -22,8 +22,12 @@ def digits():
 
 def init_mlp(key):
     k1, k2 = jax.random.split(key)
-    return {"w1": jax.random.normal(k1, (64, 64)) * 0.125, "b1": jnp.zeros(64),
-            "w2": jax.random.normal(k2, (64, 10)) * 0.125, "b2": jnp.zeros(10)}
+    return {
+        "w1": jax.random.normal(k1, (64, 64)) * 0.125,
+        "b1": jnp.zeros(64),
+        "w2": jax.random.normal(k2, (64, 10)) * 0.125,
+        "b2": jnp.zeros(10),
+    }
 
 
 def logits(p, x):
@@ -36,8 +40,10 @@ def loss(p, batch):
 
 RULES = {
     "sam-l2": (lambda: sam_optax.sam(optax.sgd(0.2, momentum=0.9)), lambda: geometry.l2(0.05)),
-    "wsam-decoupled": (lambda: sam_optax.wsam(optax.sgd(0.2, momentum=0.9), 0.8, learning_rate=0.2),
-                       lambda: geometry.l2(0.05)),
+    "wsam-decoupled": (
+        lambda: sam_optax.wsam(optax.sgd(0.2, momentum=0.9), 0.8, learning_rate=0.2),
+        lambda: geometry.l2(0.05),
+    ),
     "wsam-coupled-adam": (lambda: sam_optax.wsam(optax.adam(1e-2), 0.8, decouple=False), lambda: geometry.l2(0.05)),
     "gsam": (lambda: sam_optax.gsam(optax.sgd(0.2, momentum=0.9), 0.3), lambda: geometry.l2(0.05)),
     "asam": (lambda: sam_optax.sam(optax.sgd(0.2, momentum=0.9)), lambda: geometry.adaptive(0.5)),
@@ -61,10 +67,10 @@ def test_reaches_accuracy_on_digits(name, digits):
         return optax.apply_updates(params, u), opt_state, out.loss
 
     rng = np.random.default_rng(1)
-    for epoch in range(8):
+    for _epoch in range(8):
         perm = rng.permutation(len(xtr))
         for i in range(0, len(xtr) - 127, 128):
-            idx = perm[i:i + 128]
-            params, opt_state, l = step(params, opt_state, {"x": xtr[idx], "y": ytr[idx]})
+            idx = perm[i : i + 128]
+            params, opt_state, _loss = step(params, opt_state, {"x": xtr[idx], "y": ytr[idx]})
     acc = float(jnp.mean(jnp.argmax(logits(params, xte), -1) == yte))
     assert acc >= 0.95, f"{name}: test accuracy {acc:.3f}"

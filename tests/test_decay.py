@@ -10,8 +10,8 @@ import optax
 import pytest
 
 import sam_optax
-from sam_optax import decay, geometry
 from helpers import assert_trees_close, batches, loss_fn, make_params, sam_grads_by_hand, tmap, train
+from sam_optax import decay, geometry
 
 P0 = make_params()
 STEPS = 8
@@ -41,13 +41,14 @@ def dist(a, b):
 # ---- Algorithms 1 and 2, line by line -----------------------------------------------------
 # SetScheduleMultiplier(t) for the paper's 1-based t is the optax schedule at count t - 1.
 
+
 def algorithm_1(alpha, beta1, lam, eta_fn, steps=STEPS):
     theta, m = P0, tmap(jnp.zeros_like, P0)
     for t in range(1, steps + 1):
-        g = GRAD(theta, BATCHES[t - 1])                                   # line 5-6
-        eta = float(eta_fn(t - 1))                                        # line 7
-        m = tmap(lambda mi, gi: beta1 * mi + eta * alpha * gi, m, g)      # line 8
-        theta = tmap(lambda th, mi: th - mi - eta * lam * th, theta, m)   # line 9 (SGDW)
+        g = GRAD(theta, BATCHES[t - 1])  # line 5-6
+        eta = float(eta_fn(t - 1))  # line 7
+        m = tmap(lambda mi, gi: beta1 * mi + eta * alpha * gi, m, g)  # line 8
+        theta = tmap(lambda th, mi: th - mi - eta * lam * th, theta, m)  # line 9 (SGDW)
     return theta
 
 
@@ -58,11 +59,12 @@ def algorithm_2(alpha, lam, eta_fn, b1=0.9, b2=0.999, eps=1e-8, steps=STEPS):
         g = GRAD(theta, BATCHES[t - 1])
         m = tmap(lambda mi, gi: b1 * mi + (1 - b1) * gi, m, g)
         v = tmap(lambda vi, gi: b2 * vi + (1 - b2) * gi * gi, v, g)
-        m_hat = tmap(lambda mi: mi / (1 - b1 ** t), m)
-        v_hat = tmap(lambda vi: vi / (1 - b2 ** t), v)
+        m_hat = tmap(lambda mi: mi / (1 - b1**t), m)
+        v_hat = tmap(lambda vi: vi / (1 - b2**t), v)
         eta = float(eta_fn(t - 1))
-        theta = tmap(lambda th, mh, vh: th - eta * (alpha * mh / (jnp.sqrt(vh) + eps) + lam * th),
-                     theta, m_hat, v_hat)                                  # line 12 (AdamW)
+        theta = tmap(
+            lambda th, mh, vh: th - eta * (alpha * mh / (jnp.sqrt(vh) + eps) + lam * th), theta, m_hat, v_hat
+        )  # line 12 (AdamW)
     return theta
 
 
@@ -78,7 +80,7 @@ def test_adamw_is_algorithm_2(eps):
     got = run(decay.adamw(0.01, eps=eps, weight_decay=0.03, schedule_multiplier=ETA))
     assert_trees_close(got, algorithm_2(0.01, 0.03, ETA, eps=eps), rtol=1e-5, atol=1e-6)
     if eps > 1e-3:
-        inside = run(decay.adamw(0.01, eps=0.0, eps_root=eps ** 2, weight_decay=0.03, schedule_multiplier=ETA))
+        inside = run(decay.adamw(0.01, eps=0.0, eps_root=eps**2, weight_decay=0.03, schedule_multiplier=ETA))
         assert dist(got, inside) > 1e-3
 
 
@@ -102,6 +104,7 @@ def test_sgdw_momentum_traces_lr_scaled_gradients_unlike_optax_sgd():
 
 
 # ---- Propositions 1 and 2 ---------------------------------------------------------------
+
 
 def test_proposition_1_sgd_decoupled_decay_is_l2_with_lambda_over_alpha():
     alpha, lam = 0.1, 0.02
@@ -138,10 +141,12 @@ def test_proposition_2_adam_decoupled_decay_is_no_l2():
 
 # ---- composition with the SAM family, masks ---------------------------------------------
 
+
 def test_decay_chained_after_sam_rule_with_mask():
     alpha, lam, rho = 0.1, 0.05, 0.05
-    tx = optax.chain(sam_optax.sam(optax.sgd(alpha)),
-                     decay.decoupled_weight_decay(lam, ETA, mask=decay.weight_decay_mask))
+    tx = optax.chain(
+        sam_optax.sam(optax.sgd(alpha)), decay.decoupled_weight_decay(lam, ETA, mask=decay.weight_decay_mask)
+    )
     got, _ = train(tx, geometry.l2(rho), P0, BATCHES[:4])
     w = P0
     for t, b in enumerate(BATCHES[:4]):
@@ -166,6 +171,7 @@ def test_sgdw_as_base_of_wsam():
 
 
 # ---- App. B schedules ------------------------------------------------------------------
+
 
 def restarts_by_hand(period, t_mult, steps):
     """(T_cur, T_i) for each step: T_cur advances by one batch; when it reaches T_i a new
@@ -198,6 +204,7 @@ def test_normalized_weight_decay_app_b1():
 
 
 # ---- jit, dtypes, injection, validation ---------------------------------------------------
+
 
 def test_compiles_once_across_restarts_and_keeps_bf16():
     params = make_params(dtype=jnp.bfloat16)

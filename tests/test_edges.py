@@ -8,7 +8,7 @@ import pytest
 import sam_optax
 from helpers import assert_trees_close, loss_fn, make_batch, make_params, per_example_loss
 from sam_optax import geometry
-from sam_optax.data import sharpness_sensitive, shards
+from sam_optax.data import shards, sharpness_sensitive
 
 P0 = make_params()
 BATCH = make_batch()
@@ -32,8 +32,9 @@ def test_has_aux_with_a_scalar_loss_is_a_clear_error():
         f(P0, BATCH)
 
 
-@pytest.mark.parametrize("data", [shards(), shards(8), shards(selection=sharpness_sensitive(0.5))],
-                         ids=["one", "chunks", "sds"])
+@pytest.mark.parametrize(
+    "data", [shards(), shards(8), shards(selection=sharpness_sensitive(0.5))], ids=["one", "chunks", "sds"]
+)
 def test_per_example_losses_must_match_the_batch(data):
     """Before: 5 losses for 32 examples were averaged, and SDS clamped indices past the batch."""
     f = sam_optax.sharpness_aware_grad(lambda p, b: per_example_loss(p, b)[:5], geometry.l2(0.05), data)
@@ -62,9 +63,16 @@ def data_only_loss(params, batch):
     return jnp.mean(batch["x"] ** 2) + 0.0 * sum(jnp.sum(x) for x in jax.tree.leaves(params))
 
 
-@pytest.mark.parametrize("data", [shards(8, chunk_mode="scan"), shards(microbatch_size=8),
-                                  shards(8, chunk_mode="vmap"), shards(8, chunk_mode="unroll")],
-                         ids=["scan", "micro", "vmap", "unroll"])
+@pytest.mark.parametrize(
+    "data",
+    [
+        shards(8, chunk_mode="scan"),
+        shards(microbatch_size=8),
+        shards(8, chunk_mode="vmap"),
+        shards(8, chunk_mode="unroll"),
+    ],
+    ids=["scan", "micro", "vmap", "unroll"],
+)
 def test_empty_params_give_empty_gradients_in_every_layout(data):
     """Before: chunk_mode='scan' and microbatch_size crashed (IndexError) on empty params."""
     out = sam_optax.sharpness_aware_grad(data_only_loss, geometry.l2(0.05), data)({}, BATCH)
@@ -88,9 +96,17 @@ def test_a_one_example_batch_is_sam_on_that_example():
     assert_trees_close(a.perturbed_grads, b.perturbed_grads)
 
 
-@pytest.mark.parametrize("make", [lambda: geometry.pnorm(0.1, p=3), lambda: geometry.adaptive(0.1, p=3),
-                                  lambda: geometry.pnorm(0.1, p=1), lambda: geometry.l2(0.1),
-                                  lambda: geometry.fisher(0.1, 1.0)], ids=["pnorm3", "adaptive3", "pnorm1", "l2", "fisher"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: geometry.pnorm(0.1, p=3),
+        lambda: geometry.adaptive(0.1, p=3),
+        lambda: geometry.pnorm(0.1, p=1),
+        lambda: geometry.l2(0.1),
+        lambda: geometry.fisher(0.1, 1.0),
+    ],
+    ids=["pnorm3", "adaptive3", "pnorm1", "l2", "fisher"],
+)
 def test_a_zero_size_leaf_gets_an_empty_perturbation_and_changes_nothing_else(make):
     """Before: pnorm (p not 2 or inf) and adaptive with p=3 crashed on a (0, 4) leaf."""
     geo = make()

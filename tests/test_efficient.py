@@ -9,14 +9,22 @@ import pytest
 from jax.sharding import AxisType
 
 import sam_optax
+from helpers import (
+    assert_trees_close,
+    batches,
+    looksam_direction_by_hand,
+    loss_fn,
+    make_batch,
+    make_params,
+    per_example_loss,
+    sam_grads_by_hand,
+    tmap,
+    train,
+    tree_norm,
+)
 from sam_optax import geometry
 from sam_optax.data import sharpness_sensitive
 from sam_optax.geometry._stochastic import sample_mask
-from helpers import (
-    assert_trees_close, batches, loss_fn, looksam_direction_by_hand, make_batch, make_params, per_example_loss,
-    sam_grads_by_hand, tmap,
-    train, tree_norm,
-)
 
 RHO = 0.1
 P0 = make_params()
@@ -25,6 +33,7 @@ G = jax.grad(loss_fn)(P0, BATCH)
 
 
 # ---- SWP ------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("granularity", ["tensor", "coordinate"])
 @pytest.mark.parametrize("normalize", ["masked", "full"])
@@ -55,8 +64,11 @@ def test_swp_formulas_given_the_mask(granularity):
 
 def swp_draws(beta, granularity, normalize, n_masks=400):
     """The SWP perturbations of one gradient over n_masks masks, and SAM's."""
-    g = {"a": jax.random.normal(jax.random.PRNGKey(0), (4000,)), "b": jax.random.normal(jax.random.PRNGKey(1), (50, 20)),
-         **{f"t{i}": jax.random.normal(jax.random.PRNGKey(2 + i), (3, 4)) for i in range(30)}}
+    g = {
+        "a": jax.random.normal(jax.random.PRNGKey(0), (4000,)),
+        "b": jax.random.normal(jax.random.PRNGKey(1), (50, 20)),
+        **{f"t{i}": jax.random.normal(jax.random.PRNGKey(2 + i), (3, 4)) for i in range(30)},
+    }
     geo = geometry.stochastic(geometry.l2(RHO), beta, granularity=granularity, normalize=normalize)
 
     def draw(key):
@@ -143,6 +155,7 @@ def test_bad_hyperparameters(make, arg):
 
 # ---- SDS ------------------------------------------------------------------------------------
 
+
 def test_selection_is_the_top_fraction_with_deterministic_ties():
     sel = sharpness_sensitive(0.5)
     clean = jnp.zeros(8)
@@ -158,7 +171,7 @@ def sds_by_hand(params, batch, gamma, rho, m=None):
     m = n if m is None else m
     gps = []
     for i in range(n // m):
-        chunk = jax.tree.map(lambda a: a[i * m:(i + 1) * m], batch)
+        chunk = jax.tree.map(lambda a: a[i * m : (i + 1) * m], batch)
         g = jax.grad(loss_fn)(params, chunk)
         pert = tmap(lambda p, gi: p + rho * gi / (tree_norm(g) + 1e-12), params, g)
         rise = np.asarray(per_example_loss(pert, chunk) - per_example_loss(params, chunk))
@@ -170,7 +183,9 @@ def sds_by_hand(params, batch, gamma, rho, m=None):
 
 @pytest.mark.parametrize("m", [None, 8])
 def test_sds_second_pass_runs_on_the_selected_examples(m):
-    f = sam_optax.sharpness_aware_grad(per_example_loss, geometry.l2(RHO), data=sam_optax.data.shards(m=m, selection=sharpness_sensitive(0.5)))
+    f = sam_optax.sharpness_aware_grad(
+        per_example_loss, geometry.l2(RHO), data=sam_optax.data.shards(m=m, selection=sharpness_sensitive(0.5))
+    )
     out = f(P0, BATCH)
     assert_trees_close(out.perturbed_grads, sds_by_hand(P0, BATCH, 0.5, RHO, m=m), rtol=1e-5)
     g, _ = sam_grads_by_hand(P0, BATCH, RHO, m=m)
@@ -179,13 +194,21 @@ def test_sds_second_pass_runs_on_the_selected_examples(m):
 
 def test_esam_beta1_gamma1_is_sam():
     geo = geometry.stochastic(geometry.l2(RHO), 1.0)
-    f = sam_optax.sharpness_aware_grad(per_example_loss, geo, data=sam_optax.data.shards(m=8, selection=sharpness_sensitive(1.0)))
+    f = sam_optax.sharpness_aware_grad(
+        per_example_loss, geo, data=sam_optax.data.shards(m=8, selection=sharpness_sensitive(1.0))
+    )
     out = f(P0, BATCH, ascent_state=geo.init(P0))
     _, gp = sam_grads_by_hand(P0, BATCH, RHO, m=8)
     assert_trees_close(out.perturbed_grads, gp)
     # over several training steps with WSAM too
-    a, _ = train(sam_optax.wsam(optax.sgd(0.1, momentum=0.9), 0.9, learning_rate=0.1), geo, P0, batches(3),
-                 loss=per_example_loss, data_selection=sharpness_sensitive(1.0))
+    a, _ = train(
+        sam_optax.wsam(optax.sgd(0.1, momentum=0.9), 0.9, learning_rate=0.1),
+        geo,
+        P0,
+        batches(3),
+        loss=per_example_loss,
+        data_selection=sharpness_sensitive(1.0),
+    )
     b, _ = train(sam_optax.wsam(optax.sgd(0.1, momentum=0.9), 0.9, learning_rate=0.1), geometry.l2(RHO), P0, batches(3))
     assert_trees_close(a, b, rtol=1e-6, atol=1e-7)
 
@@ -193,15 +216,21 @@ def test_esam_beta1_gamma1_is_sam():
 def test_sds_under_shard_map_equals_per_chunk_reference():
     mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
     batch = make_batch(n=64)
-    f = sam_optax.sharpness_aware_grad(per_example_loss, geometry.l2(RHO), data=sam_optax.data.shards(mesh=mesh, selection=sharpness_sensitive(0.5)))
+    f = sam_optax.sharpness_aware_grad(
+        per_example_loss, geometry.l2(RHO), data=sam_optax.data.shards(mesh=mesh, selection=sharpness_sensitive(0.5))
+    )
     assert_trees_close(f(P0, batch).perturbed_grads, sds_by_hand(P0, batch, 0.5, RHO, m=8), rtol=1e-5)
 
 
 def test_sds_needs_per_example_losses_and_no_microbatches():
     with pytest.raises(ValueError, match="per-example"):
-        sam_optax.sharpness_aware_grad(loss_fn, data=sam_optax.data.shards(selection=sharpness_sensitive(0.5)))(P0, BATCH)
+        sam_optax.sharpness_aware_grad(loss_fn, data=sam_optax.data.shards(selection=sharpness_sensitive(0.5)))(
+            P0, BATCH
+        )
     with pytest.raises(ValueError, match="microbatch_size"):
-        sam_optax.sharpness_aware_grad(per_example_loss, data=sam_optax.data.shards(selection=sharpness_sensitive(0.5), microbatch_size=4))
+        sam_optax.sharpness_aware_grad(
+            per_example_loss, data=sam_optax.data.shards(selection=sharpness_sensitive(0.5), microbatch_size=4)
+        )
 
 
 def test_per_example_loss_without_selection_is_plain_sam():
@@ -213,13 +242,18 @@ def test_per_example_loss_without_selection_is_plain_sam():
 def test_esam_with_every_rule_and_geometry_runs_and_learns():
     data = batches(6)
     geo = geometry.stochastic(geometry.adaptive(0.5), 0.5)
-    for tx in [sam_optax.sam(optax.sgd(0.1)), sam_optax.wsam(optax.sgd(0.1), 0.8, learning_rate=0.1),
-               sam_optax.gsam(optax.sgd(0.1), 0.3), sam_optax.looksam(optax.sgd(0.1), k=2)]:
+    for tx in [
+        sam_optax.sam(optax.sgd(0.1)),
+        sam_optax.wsam(optax.sgd(0.1), 0.8, learning_rate=0.1),
+        sam_optax.gsam(optax.sgd(0.1), 0.3),
+        sam_optax.looksam(optax.sgd(0.1), k=2),
+    ]:
         p, _ = train(tx, geo, P0, data, loss=per_example_loss, data_selection=sharpness_sensitive(0.5))
         assert float(loss_fn(p, data[0])) < float(loss_fn(P0, data[0]))
 
 
 # ---- LookSAM --------------------------------------------------------------------------------
+
 
 def test_looksam_k1_is_sam():
     a, _ = train(sam_optax.looksam(optax.sgd(0.1, momentum=0.9), k=1), geometry.l2(RHO), P0, batches(4))

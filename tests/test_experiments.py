@@ -9,8 +9,8 @@ import optax
 import pytest
 
 import sam_optax
-from sam_optax import experiments, geometry
 from helpers import assert_trees_close, batches, loss_fn, make_batch, make_params, train
+from sam_optax import experiments, geometry
 
 
 def test_symmetric_label_noise_flips_the_stated_fraction_to_other_classes():
@@ -68,12 +68,18 @@ def test_sharpness_aware_step_literal_second_pass_chosen_on_the_host_equals_the_
 
 # ---- the efficient methods' recipes (sam_optax/experiments/methods.py) in the harness's step ----
 
+from helpers import forward, per_example_loss, tree_norm  # noqa: E402
 from sam_optax.experiments import training  # noqa: E402
 from sam_optax.experiments.methods import Hyper, Recipe, StepContext, build_method  # noqa: E402
-from helpers import forward, per_example_loss, tree_norm  # noqa: E402
 
-CTX = StepContext(loss_fn, per_example_loss, lambda p, b: forward(p, b["x"]),
-                  lambda z, b: optax.softmax_cross_entropy_with_integer_labels(z, b["y"]).mean(), 32 * 8, 3)
+CTX = StepContext(
+    loss_fn,
+    per_example_loss,
+    lambda p, b: forward(p, b["x"]),
+    lambda z, b: optax.softmax_cross_entropy_with_integer_labels(z, b["y"]).mean(),
+    32 * 8,
+    3,
+)
 
 
 def recipe_run(name, hp, n=6, seed=0, data=None):
@@ -191,7 +197,16 @@ def test_own_step_builder_gets_the_example_ids_of_every_batch():
     x, y = np.asarray(make_batch(3, n)["x"]), np.asarray(make_batch(3, n)["y"])
     with pytest.raises(ValueError, match="index"):
         step(make_params(), init(make_params()), {"x": x[:16], "y": y[:16]})
-    _, state, _, _, timed = training._train_epochs(jax.jit(step), lambda p, s: 0.0, make_params(),
-                                                   init(make_params()), jnp.asarray(x), jnp.asarray(y),
-                                                   epochs=2, batch_size=16, seed=0, bar=None)
+    _, state, _, _, timed = training._train_epochs(
+        jax.jit(step),
+        lambda p, s: 0.0,
+        make_params(),
+        init(make_params()),
+        jnp.asarray(x),
+        jnp.asarray(y),
+        epochs=2,
+        batch_size=16,
+        seed=0,
+        bar=None,
+    )
     assert state.inner[1].tolist() == [2] * n and timed == 7

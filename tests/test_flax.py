@@ -1,17 +1,18 @@
 """Flax integration: the Linen TrainState and train step, the NNX optimizer and
 train step (BatchNorm, dropout, m-sharpness shards), orbax checkpoint resume."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
-import flax.linen as nn
 from flax import nnx
 from jax.sharding import AxisType
 
 import sam_optax
+from helpers import assert_trees_close, tmap, tree_norm
 from sam_optax import geometry
 from sam_optax.flax import (
     SharpnessAwareOptimizer,
@@ -20,7 +21,6 @@ from sam_optax.flax import (
     nnx_sharpness_aware_grad,
     nnx_train_step,
 )
-from helpers import assert_trees_close, tmap, tree_norm
 
 RHO, LR = 0.1, 0.1
 
@@ -61,8 +61,9 @@ _NETS = {}
 def linen_state(tx, geo, dropout=0.5, seed=0):
     model = _NETS.setdefault(dropout, Net(dropout))  # one model: one static apply_fn
     variables = model.init(jax.random.PRNGKey(seed), jnp.zeros((1, 5)), train=False)
-    return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx, geometry=geo,
-                             batch_stats=variables["batch_stats"])
+    return TrainState.create(
+        apply_fn=model.apply, params=variables["params"], tx=tx, geometry=geo, batch_stats=variables["batch_stats"]
+    )
 
 
 @jax.jit
@@ -70,8 +71,13 @@ def _chunk_sam_by_hand(params, batch_stats, chunk, key):
     model = Net(0.5)
 
     def loss(params):
-        logits, upd = model.apply({"params": params, "batch_stats": batch_stats}, chunk["x"], train=True,
-                                  mutable=["batch_stats"], rngs={"dropout": key})
+        logits, upd = model.apply(
+            {"params": params, "batch_stats": batch_stats},
+            chunk["x"],
+            train=True,
+            mutable=["batch_stats"],
+            rngs={"dropout": key},
+        )
         return ce(logits, chunk["y"]), upd["batch_stats"]
 
     (_, stats), g = jax.value_and_grad(loss, has_aux=True)(params)
@@ -83,9 +89,12 @@ def linen_by_hand(state, batch, keys):
     """One SAM-SGD step written out: per contiguous chunk with its own key, both
     passes with that key, BatchNorm statistics of the clean passes averaged."""
     m = batch["x"].shape[0] // len(keys)
-    chunks = [jax.tree.map(lambda a: a[i * m:(i + 1) * m], batch) for i in range(len(keys))]
+    chunks = [jax.tree.map(lambda a: a[i * m : (i + 1) * m], batch) for i in range(len(keys))]
     out = [_chunk_sam_by_hand(state.params, state.batch_stats, c, k) for c, k in zip(chunks, keys)]
-    mean = lambda ts: tmap(lambda *xs: sum(xs) / len(xs), *ts)
+
+    def mean(ts):
+        return tmap(lambda *xs: sum(xs) / len(xs), *ts)
+
     return tmap(lambda p, g: p - LR * g, state.params, mean([o[0] for o in out])), mean([o[1] for o in out])
 
 
@@ -118,7 +127,10 @@ def test_linen_m_sharpness_ghost_batchnorm_and_per_shard_keys():
     # the stored statistics are the mean of the per-shard (ghost) updates, not the full-batch update
     assert_trees_close(new.batch_stats, want_stats, rtol=1e-5, atol=1e-6)
     _, full_stats = linen_by_hand(state, batch, [shard_key(rng, 0)])
-    var = lambda s: s["BatchNorm_0"]["var"]
+
+    def var(s):
+        return s["BatchNorm_0"]["var"]
+
     assert np.abs(np.asarray(var(full_stats) - var(want_stats))).max() > 1e-4
 
 
@@ -153,7 +165,10 @@ def test_linen_orbax_resume_is_bit_identical(tmp_path):
     sched = optax.cosine_decay_schedule(1e-2, 8)
     tx = sam_optax.wsam(optax.adam(sched), 0.9, learning_rate=sched)
     geo = geometry.l2(optax.linear_schedule(0.02, 0.1, 8))
-    make = lambda seed: linen_state(tx, geo, seed=seed)  # same static tx / geometry: no recompilation
+
+    def make(seed):
+        return linen_state(tx, geo, seed=seed)  # same static tx / geometry: no recompilation
+
     data = [make_data(10 + i) for i in range(6)]
     rngs = [jax.random.PRNGKey(100 + i) for i in range(6)]
     step = linen_train_step(linen_loss)
@@ -206,7 +221,9 @@ def nnx_from_linen(state):
 
 
 def test_nnx_step_equals_the_linen_step_and_updates_batchnorm_once():
-    tx = lambda: sam_optax.sam(optax.sgd(LR, momentum=0.9))
+    def tx():
+        return sam_optax.sam(optax.sgd(LR, momentum=0.9))
+
     state = linen_state(tx(), geometry.l2(RHO), dropout=0.0)
     model = nnx_from_linen(state)
     optimizer = SharpnessAwareOptimizer(model, tx(), geometry.l2(RHO), wrt=nnx.Param)
@@ -320,7 +337,9 @@ def test_linen_step_forwards_every_two_pass_option_esam_sds():
     def pure(p, b):
         return optax.softmax_cross_entropy_with_integer_labels(model.apply({"params": p}, b["x"]), b["y"])
 
-    init, pure_step = sam_optax.sharpness_aware_step(pure, tx, geo, data=sam_optax.data.shards(selection=sharpness_sensitive(0.5), m=16))
+    init, pure_step = sam_optax.sharpness_aware_step(
+        pure, tx, geo, data=sam_optax.data.shards(selection=sharpness_sensitive(0.5), m=16)
+    )
     want, _, _ = pure_step(params, init(params), batch)
     for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(want)):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
@@ -337,7 +356,10 @@ def _counting(loss, calls):
 def test_linen_and_nnx_steps_skip_the_second_pass_of_a_scheduler():
     """periodic(sam, every=2): steps 1 and 3 run one pass and are base steps, 2 and 4 are SAM
     steps; "auto" equals literal flags step by step, NNX equals Linen, and passes are counted."""
-    tx = lambda: sam_optax.periodic(sam_optax.sam(optax.sgd(LR, momentum=0.9)), every=2)
+
+    def tx():
+        return sam_optax.periodic(sam_optax.sam(optax.sgd(LR, momentum=0.9)), every=2)
+
     data = [make_data(40 + i) for i in range(4)]
     flags = [False, True, False, True]
     calls = []
@@ -368,8 +390,14 @@ def test_linen_and_nnx_steps_skip_the_second_pass_of_a_scheduler():
         always, _ = ref_step(always, batch)
     assert tree_norm(tmap(jnp.subtract, always.params, auto.params)) > 1e-4
     # a boolean array decides at run time, in one more program
-    arr_state, _ = ref_step(linen_state(sam_optax.sam(optax.sgd(LR, momentum=0.9)), geometry.l2(RHO), dropout=0.0),
-                            data[0], second_pass=jnp.asarray(False))
-    first, _ = ref_step(linen_state(sam_optax.sam(optax.sgd(LR, momentum=0.9)), geometry.l2(RHO), dropout=0.0),
-                        data[0], second_pass=False)
+    arr_state, _ = ref_step(
+        linen_state(sam_optax.sam(optax.sgd(LR, momentum=0.9)), geometry.l2(RHO), dropout=0.0),
+        data[0],
+        second_pass=jnp.asarray(False),
+    )
+    first, _ = ref_step(
+        linen_state(sam_optax.sam(optax.sgd(LR, momentum=0.9)), geometry.l2(RHO), dropout=0.0),
+        data[0],
+        second_pass=False,
+    )
     assert_trees_close(arr_state.params, first.params, rtol=1e-6, atol=1e-7)

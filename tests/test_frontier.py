@@ -41,25 +41,40 @@ def synthetic_store(path):
     accs = {"sgd": (0.88, 0.86), "sam": (0.90, 0.90), "msam": (0.89, 0.90), "periodic": (0.88, 0.88)}
     for c in frontier.accuracy_configs(store, S):
         store.add(c, result(accs[c["method"]][c["seed"]], {"sam": 1.0, "periodic": 0.1}.get(c["method"])))
-    times = {"sgd": [1.0, 1.0, 1.2], "sam": [2.0, 2.2, 2.4], "msam": [1.05, 1.05, 1.26],
-             "periodic": [1.5, 1.5, 1.8], "periodic_cond": [1.12, 1.12, 1.344]}
+    times = {
+        "sgd": [1.0, 1.0, 1.2],
+        "sam": [2.0, 2.2, 2.4],
+        "msam": [1.05, 1.05, 1.26],
+        "periodic": [1.5, 1.5, 1.8],
+        "periodic_cond": [1.12, 1.12, 1.344],
+    }
     fractions = {"sgd": None, "sam": [1.0] * 3, "msam": None, "periodic": [0.1] * 3, "periodic_cond": [0.1] * 3}
-    store.add(frontier.cost_config(store, S), {"machine": {"backend": "cpu"},
-                                               "rows": frontier.summarize_cost(times, fractions)})
+    store.add(
+        frontier.cost_config(store, S),
+        {"machine": {"backend": "cpu"}, "rows": frontier.summarize_cost(times, fractions)},
+    )
     return store
 
 
 def test_pareto_front_keeps_only_undominated_points():
-    pts = {"sgd": (1.0, 0.87), "sam": (2.0, 0.90), "msam": (1.05, 0.895), "periodic": (1.5, 0.88),
-           "same_cost_worse": (2.0, 0.85), "twin": (1.05, 0.895)}
+    pts = {
+        "sgd": (1.0, 0.87),
+        "sam": (2.0, 0.90),
+        "msam": (1.05, 0.895),
+        "periodic": (1.5, 0.88),
+        "same_cost_worse": (2.0, 0.85),
+        "twin": (1.05, 0.895),
+    }
     front = frontier.pareto_front(pts)
     assert set(front) == {"sgd", "msam", "twin", "sam"} and front[0] == "sgd" and front[-1] == "sam"
     assert frontier.pareto_front({"a": (1.0, 0.5)}) == ["a"] and frontier.pareto_front({}) == []
 
 
 def test_cost_summary_pairs_rounds_and_predicts_from_passes():
-    rows = frontier.summarize_cost({"sgd": [1.0, 2.0, 4.0], "sam": [2.0, 3.0, 8.0], "p": [1.2, 2.2, 4.4]},
-                                   {"sgd": None, "sam": [1.0, 1.0, 1.0], "p": [0.0, 0.2, 0.1]})
+    rows = frontier.summarize_cost(
+        {"sgd": [1.0, 2.0, 4.0], "sam": [2.0, 3.0, 8.0], "p": [1.2, 2.2, 4.4]},
+        {"sgd": None, "sam": [1.0, 1.0, 1.0], "p": [0.0, 0.2, 0.1]},
+    )
     assert rows["sam"]["ratio_to_base"] == 2.0  # median of 2, 1.5, 2 (paired within each round)
     assert rows["p"]["ratio_to_base"] == pytest.approx(1.1)  # median of 1.2, 1.1, 1.1
     assert rows["p"]["second_pass_fraction"] == pytest.approx(0.1)
@@ -76,8 +91,12 @@ def test_report_tunes_draws_the_front_and_checks_the_targets(tmp_path):
     readme.write_text("intro\n")
     text = frontier.write_report(store, S, tmp_path, True, readme)
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["tuned"] == {"sgd": {}, "sam": {"rho": 0.05}, "msam": {"msam_rho": 0.1},
-                                "periodic": {"periodic_rho": 0.1}}
+    assert summary["tuned"] == {
+        "sgd": {},
+        "sam": {"rho": 0.05},
+        "msam": {"msam_rho": 0.1},
+        "periodic": {"periodic_rho": 0.1},
+    }
     assert summary["runs"] == summary["runs_expected"] == 4 + 4 + 4 + 8
     rows = {r["method"]: r for r in summary["rows"]}
     assert rows["sgd"]["accuracy"]["mean"] == pytest.approx(0.87) and rows["sgd"]["cost"] == 1.0
@@ -101,10 +120,12 @@ def test_report_tunes_draws_the_front_and_checks_the_targets(tmp_path):
 
 def test_target_a_fails_when_no_cheap_method_keeps_the_gain():
     acc = lambda m: {"mean": m, "std": 0.0, "n": 3}  # noqa: E731
-    rows = [{"method": "sgd", "accuracy": acc(0.88), "cost": 1.0},
-            {"method": "sam", "accuracy": acc(0.90), "cost": 2.0},
-            {"method": "msam", "accuracy": acc(0.894), "cost": 1.05},  # 70% of the gain
-            {"method": "esam", "accuracy": acc(0.90), "cost": 1.5}]  # all of it, too dear
+    rows = [
+        {"method": "sgd", "accuracy": acc(0.88), "cost": 1.0},
+        {"method": "sam", "accuracy": acc(0.90), "cost": 2.0},
+        {"method": "msam", "accuracy": acc(0.894), "cost": 1.05},  # 70% of the gain
+        {"method": "esam", "accuracy": acc(0.90), "cost": 1.5},
+    ]  # all of it, too dear
     a = frontier.check_targets(rows)["a"]
     assert a["met"] is False and a["method"] == "msam" and a["value"] == pytest.approx(0.7)
     rows[1]["accuracy"] = acc(0.87)
@@ -144,7 +165,10 @@ def test_tiny_real_run_then_report_only_and_cost_rows(tmp_path, monkeypatch, cap
     assert frontier.main(argv + ["--skip-cost"]) == 0
     rows = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
     assert [(r["config"]["experiment"], r["config"]["method"]) for r in rows] == [
-        ("search", "msam"), ("test", "sgd"), ("test", "msam")]
+        ("search", "msam"),
+        ("test", "sgd"),
+        ("test", "msam"),
+    ]
     assert all(0.0 <= r["result"]["test_accuracy"] <= 1.0 for r in rows)
     assert "| msam | msam_rho=0.3 |" in capsys.readouterr().out
     summary = json.loads((tmp_path / "summary.json").read_text())

@@ -7,10 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from helpers import assert_trees_close, loss_fn, make_batch, make_params, tmap, tree_norm
 from sam_optax import geometry
-from helpers import assert_trees_close, make_batch, make_params, loss_fn, tmap, tree_norm
 
 PARAMS = make_params()
 GRADS = jax.grad(loss_fn)(PARAMS, make_batch())
@@ -33,7 +34,7 @@ def perturb(geo, grads=GRADS, params=PARAMS):
 
 def test_l2_formula():
     rho = 0.07
-    norm = jnp.sqrt(sum(jnp.sum(g ** 2) for g in jax.tree.leaves(GRADS)))
+    norm = jnp.sqrt(sum(jnp.sum(g**2) for g in jax.tree.leaves(GRADS)))
     assert_trees_close(perturb(geometry.l2(rho)), tmap(lambda g: rho * g / (norm + 1e-12), GRADS))
 
 
@@ -69,8 +70,11 @@ def test_adaptive_formula_p2_with_bias_mask():
     tg_norm = jnp.sqrt(sum(jnp.sum((ti * g) ** 2) for ti, g in zip(jax.tree.leaves(t), jax.tree.leaves(GRADS))))
     expected = tmap(lambda ti, g: rho * ti * ti * g / (tg_norm + 1e-12), t, GRADS)
     assert_trees_close(perturb(geometry.adaptive(rho, eta, mask=mask)), expected)
+
     # the same mask given as a function of the params
-    fn_mask = lambda p: jax.tree_util.tree_map_with_path(lambda k, _: "bias" not in jax.tree_util.keystr(k), p)
+    def fn_mask(p):
+        return jax.tree_util.tree_map_with_path(lambda k, _: "bias" not in jax.tree_util.keystr(k), p)
+
     assert_trees_close(perturb(geometry.adaptive(rho, eta, mask=fn_mask)), expected)
 
 
@@ -142,7 +146,9 @@ def test_bf16_grads_give_float32_perturbation():
     eps = perturb(geometry.adaptive(0.5), grads, params)
     for e in jax.tree.leaves(eps):
         assert e.dtype == jnp.float32
-    np.testing.assert_allclose(tree_norm(tmap(lambda e, w: e / (jnp.abs(w.astype(jnp.float32)) + 0.01), eps, params)), 0.5, rtol=1e-5)
+    np.testing.assert_allclose(
+        tree_norm(tmap(lambda e, w: e / (jnp.abs(w.astype(jnp.float32)) + 0.01), eps, params)), 0.5, rtol=1e-5
+    )
 
 
 @pytest.mark.parametrize(
@@ -205,8 +211,12 @@ INJECTABLE = {
     "pnorm_p3": (geometry.pnorm, dict(rho=0.2, p=3), "rho", ("p",)),
     "pnorm_p1": (geometry.pnorm, dict(rho=0.2, p=1), "rho", ("p",)),
     "pnorm_pinf": (geometry.pnorm, dict(rho=0.2, p=math.inf), "rho", ("p",)),
-    "stochastic": (geometry.stochastic, dict(geometry=geometry.l2(0.1), beta=0.5, granularity="coordinate", seed=3),
-                   "beta", ("seed",)),
+    "stochastic": (
+        geometry.stochastic,
+        dict(geometry=geometry.l2(0.1), beta=0.5, granularity="coordinate", seed=3),
+        "beta",
+        ("seed",),
+    ),
 }
 
 

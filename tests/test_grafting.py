@@ -8,8 +8,8 @@ import optax
 import pytest
 
 import sam_optax
-from sam_optax import averaging, geometry
 from helpers import assert_trees_close, batches, loss_fn, make_params, sam_grads_by_hand, tmap
+from sam_optax import averaging, geometry
 
 RHO = 0.05
 
@@ -37,12 +37,14 @@ def test_weight_entropy_matches_histogram():
     np.testing.assert_allclose(averaging.weight_entropy(x), np_entropy(x), rtol=1e-5)
     np.testing.assert_allclose(averaging.weight_entropy(x, 7), np_entropy(x, 7), rtol=1e-5)
     # the official code's half-open last bin loses the maximum
-    np.testing.assert_allclose(averaging.weight_entropy(x, exclusive_max=True), np_entropy(x, exclusive_max=True),
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        averaging.weight_entropy(x, exclusive_max=True), np_entropy(x, exclusive_max=True), rtol=1e-5
+    )
     grid = jnp.arange(100.0)  # 10 values in each of 10 bins
     np.testing.assert_allclose(averaging.weight_entropy(grid), np.log(10.0), rtol=1e-6)
-    np.testing.assert_allclose(averaging.weight_entropy(grid, exclusive_max=True),
-                               -(9 * 0.1 * np.log(0.1) + 0.09 * np.log(0.09)), rtol=1e-6)
+    np.testing.assert_allclose(
+        averaging.weight_entropy(grid, exclusive_max=True), -(9 * 0.1 * np.log(0.1) + 0.09 * np.log(0.09)), rtol=1e-6
+    )
     assert float(averaging.weight_entropy(jnp.full((5, 5), 3.0))) == 0.0
 
 
@@ -116,8 +118,9 @@ def test_filter_grafting_trains_k_sam_networks_and_grafts_every_n_steps():
     @jax.jit
     def step(params, state, batch):
         out = sa_grad(params, batch)
-        u, state = tx.update(out.grads, state, params, perturbed_grads=out.perturbed_grads,
-                             unused_scalar=1.0)  # not per network: broadcast, ignored by the rule
+        u, state = tx.update(
+            out.grads, state, params, perturbed_grads=out.perturbed_grads, unused_scalar=1.0
+        )  # not per network: broadcast, ignored by the rule
         return optax.apply_updates(params, u), state
 
     for t in range(steps):

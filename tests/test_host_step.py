@@ -2,14 +2,13 @@
 one-program step (lax.cond), and runs the passes the schedule says."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
 import sam_optax
-from sam_optax import geometry, rules
 from helpers import assert_trees_close, batches, loss_fn, make_params
+from sam_optax import geometry, rules
 
 RHO, LR = 0.1, 0.1
 AE = dict(delta=0.5, c_start=1.0, c_end=-1.0, total_steps=6, mu_init=0.0, var_init=0.0)
@@ -45,8 +44,9 @@ def both(make_tx, n):
     return (p, s), (q, t), ran, len(calls)
 
 
-@pytest.mark.parametrize("name", ["periodic", "randomized", "late_phase", "looksam", "adaptive_policy",
-                                  "adaptive_looksam"])
+@pytest.mark.parametrize(
+    "name", ["periodic", "randomized", "late_phase", "looksam", "adaptive_policy", "adaptive_looksam"]
+)
 def test_host_chosen_step_equals_the_cond_step_and_skips_the_pass(name):
     make = {
         "periodic": lambda: sam_optax.periodic(sam_optax.sam(optax.sgd(LR, momentum=0.9)), every=3),

@@ -1,15 +1,15 @@
 """Interoperability: optax.contrib.sam agreement, Flax Linen BatchNorm, checkpoints."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-import flax.linen as nn
 
 import sam_optax
-from sam_optax import geometry
 from helpers import assert_trees_close, batches, loss_fn, make_params, train
+from sam_optax import geometry
 
 
 def test_agrees_with_optax_contrib_sam_over_many_steps():
@@ -52,10 +52,11 @@ def test_linen_batchnorm_statistics_advance_once_per_step():
     params, stats = variables["params"], variables["batch_stats"]
 
     def loss(p, batch, batch_stats):
-        logits, updates = model.apply({"params": p, "batch_stats": batch_stats}, batch["x"], train=True,
-                                      mutable=["batch_stats"])
-        l = optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
-        return l, updates["batch_stats"]
+        logits, updates = model.apply(
+            {"params": p, "batch_stats": batch_stats}, batch["x"], train=True, mutable=["batch_stats"]
+        )
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
+        return ce, updates["batch_stats"]
 
     f = sam_optax.sharpness_aware_grad(loss, geometry.l2(0.5), has_aux=True)
     tx = sam_optax.sam(optax.sgd(0.1))
@@ -74,7 +75,10 @@ def test_linen_batchnorm_statistics_advance_once_per_step():
 def test_checkpoint_restore_continues_the_identical_trajectory(tmp_path):
     sched = optax.cosine_decay_schedule(1e-2, 8)
     geo = geometry.l2(optax.linear_schedule(0.02, 0.1, 8))
-    make_tx = lambda: sam_optax.wsam(optax.adamw(sched, weight_decay=1e-3), 0.9, learning_rate=sched)
+
+    def make_tx():
+        return sam_optax.wsam(optax.adamw(sched, weight_decay=1e-3), 0.9, learning_rate=sched)
+
     data = batches(8, seed=3)
     f = sam_optax.sharpness_aware_grad(loss_fn, geo, data=sam_optax.data.shards(m=8))
 

@@ -11,11 +11,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
-from jax.sharding import AxisType, PartitionSpec as P
+from jax.sharding import AxisType
+from jax.sharding import PartitionSpec as P
 
 import sam_optax
-from sam_optax import geometry, metrics
 from helpers import assert_trees_close, loss_fn, make_batch, make_params, tmap, tree_norm
+from sam_optax import geometry, metrics
 
 # --------------------------------------------------------------------------
 # A quadratic 0.5 s x^T A x over a pytree of several leaves (n = 8 entries),
@@ -205,7 +206,7 @@ MLP = make_params()
 MBATCH = make_batch(n=32)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _mlp_hessian(n):
     batch = MBATCH if n == 32 else make_batch(n=n)
     x0, unravel = ravel_pytree(MLP)
@@ -278,8 +279,11 @@ def test_hessian_metrics_under_shard_map_equal_single_device():
     np.testing.assert_allclose(sharded[5], single[5], rtol=1e-3, atol=1e-6)
     # m-sharpness inside the user's shard_map: each device's 8 examples are one shard
     f = metrics.m_sharpness(loss_fn, sam_optax.geometry.l2(0.1), data=sam_optax.data.shards(axis_name="data"))
-    value = jax.jit(jax.shard_map(lambda p, b: f(p, b).sharpness, mesh=mesh, in_specs=(P(), P("data")),
-                                  out_specs=P(), check_vma=True))(MLP, batch)
+    value = jax.jit(
+        jax.shard_map(
+            lambda p, b: f(p, b).sharpness, mesh=mesh, in_specs=(P(), P("data")), out_specs=P(), check_vma=True
+        )
+    )(MLP, batch)
     np.testing.assert_allclose(value, sharpness_by_hand(MLP, batch, 0.1, 8), rtol=1e-4)
 
 
@@ -298,7 +302,7 @@ def _chunk_sharpness(params, chunk, rho):
 def sharpness_by_hand(params, batch, rho, m):
     """Mean over contiguous chunks of L_c(w + rho g_c / ||g_c||) - L_c(w)."""
     n = batch["x"].shape[0]
-    chunks = [jax.tree.map(lambda a: a[i * m:(i + 1) * m], batch) for i in range(n // m)]
+    chunks = [jax.tree.map(lambda a: a[i * m : (i + 1) * m], batch) for i in range(n // m)]
     return float(np.mean([_chunk_sharpness(params, c, rho) for c in chunks]))
 
 

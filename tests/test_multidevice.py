@@ -7,11 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import sam_optax
+from helpers import assert_trees_close, loss_fn, make_batch, make_params, sam_grads_by_hand, tmap, train, tree_norm
 from sam_optax import geometry
-from helpers import assert_trees_close, loss_fn, make_batch, make_params, sam_grads_by_hand, tmap, tree_norm, train
 
 pytestmark = pytest.mark.multidevice
 
@@ -72,10 +73,11 @@ def test_users_own_shard_map_with_axis_name():
 def test_check_vma_either_way(check_vma):
     mesh = auto_mesh()
     f = sam_optax.sharpness_aware_grad(loss_fn, geometry.fisher(RHO, 1.0), data=sam_optax.data.shards(axis_name="data"))
-    body = jax.shard_map(lambda p, b: f(p, b), mesh=mesh, in_specs=(P(), P("data")), out_specs=P(),
-                         check_vma=check_vma)
+    body = jax.shard_map(lambda p, b: f(p, b), mesh=mesh, in_specs=(P(), P("data")), out_specs=P(), check_vma=check_vma)
     out = jax.jit(body)(P0, BATCH)
-    ref = sam_optax.sharpness_aware_grad(loss_fn, geometry.fisher(RHO, 1.0), data=sam_optax.data.shards(m=64 // NDEV))(P0, BATCH)
+    ref = sam_optax.sharpness_aware_grad(loss_fn, geometry.fisher(RHO, 1.0), data=sam_optax.data.shards(m=64 // NDEV))(
+        P0, BATCH
+    )
     assert_trees_close(out.perturbed_grads, ref.perturbed_grads)
 
 
@@ -90,7 +92,9 @@ def test_pmap_path():
 
 @pytest.mark.parametrize("mode", ["vmap", "scan", "unroll"])
 def test_chunks_inside_devices(mode):
-    out = sam_optax.sharpness_aware_grad(loss_fn, geometry.l2(RHO), data=sam_optax.data.shards(mesh=auto_mesh(), m=2, chunk_mode=mode))(P0, BATCH)
+    out = sam_optax.sharpness_aware_grad(
+        loss_fn, geometry.l2(RHO), data=sam_optax.data.shards(mesh=auto_mesh(), m=2, chunk_mode=mode)
+    )(P0, BATCH)
     g, gp = sam_grads_by_hand(P0, BATCH, RHO, m=2)
     assert_trees_close(out.grads, g)
     assert_trees_close(out.perturbed_grads, gp)
@@ -98,7 +102,9 @@ def test_chunks_inside_devices(mode):
 
 def test_chunked_vmap_on_one_device_equals_shard_map():
     a = sam_optax.sharpness_aware_grad(loss_fn, geometry.adaptive(0.5), data=sam_optax.data.shards(m=8))(P0, BATCH)
-    b = sam_optax.sharpness_aware_grad(loss_fn, geometry.adaptive(0.5), data=sam_optax.data.shards(mesh=auto_mesh()))(P0, BATCH)
+    b = sam_optax.sharpness_aware_grad(loss_fn, geometry.adaptive(0.5), data=sam_optax.data.shards(mesh=auto_mesh()))(
+        P0, BATCH
+    )
     assert_trees_close(a.perturbed_grads, b.perturbed_grads)
     assert_trees_close(a.grads, b.grads)
 
@@ -118,14 +124,19 @@ def test_mesh_axis_validation():
         sam_optax.sharpness_aware_grad(loss_fn, data=sam_optax.data.shards(mesh=mesh2))
     with pytest.raises(ValueError, match="not in the mesh axes"):
         sam_optax.sharpness_aware_grad(loss_fn, data=sam_optax.data.shards(mesh=mesh2, axis_name="batch"))
-    out = sam_optax.sharpness_aware_grad(loss_fn, geometry.l2(RHO), data=sam_optax.data.shards(mesh=mesh2, axis_name=("data", "model")))(P0, BATCH)
+    out = sam_optax.sharpness_aware_grad(
+        loss_fn, geometry.l2(RHO), data=sam_optax.data.shards(mesh=mesh2, axis_name=("data", "model"))
+    )(P0, BATCH)
     _, gp = sam_grads_by_hand(P0, BATCH, RHO, m=8)
     assert_trees_close(out.perturbed_grads, gp)
 
 
 def test_training_under_mesh_equals_single_device_chunks():
     batches = [make_batch(seed=s, n=64) for s in range(3)]
-    tx = lambda: sam_optax.wsam(optax.sgd(0.1, momentum=0.9), 0.9, learning_rate=0.1)
+
+    def tx():
+        return sam_optax.wsam(optax.sgd(0.1, momentum=0.9), 0.9, learning_rate=0.1)
+
     a, _ = train(tx(), geometry.l2(RHO), P0, batches, mesh=auto_mesh())
     b, _ = train(tx(), geometry.l2(RHO), P0, batches, m=8)
     assert_trees_close(a, b, rtol=1e-5, atol=1e-6)
@@ -143,11 +154,11 @@ def esam_looksam_by_hand(batches, beta, gamma, k, alpha=0.7, lr=0.1, momentum=0.
         mask = sample_mask(sub, P0, beta, "coordinate")  # one mask per step, shared by the shards
         gs, gps = [], []
         for i in range(batch["x"].shape[0] // m):
-            chunk = jax.tree.map(lambda a: a[i * m:(i + 1) * m], batch)
+            chunk = jax.tree.map(lambda a: a[i * m : (i + 1) * m], batch)
             g = jax.grad(loss_fn)(w, chunk)
             pert = tmap(lambda p, gi, mk: p + RHO / beta * mk * gi / tree_norm(g), w, g, mask)
             rise = np.asarray(per_example_loss(pert, chunk) - per_example_loss(w, chunk))
-            idx = np.argsort(-rise, kind="stable")[:int(gamma * m)]  # the top gamma fraction
+            idx = np.argsort(-rise, kind="stable")[: int(gamma * m)]  # the top gamma fraction
             gps.append(jax.grad(loss_fn)(pert, jax.tree.map(lambda a: a[idx], chunk)))
             gs.append(g)
         mean = lambda ts: tmap(lambda *xs: sum(xs) / len(xs), *ts)  # noqa: E731
@@ -168,7 +179,9 @@ def test_esam_and_looksam_under_shard_map_equal_per_chunk_reference():
     tx = lambda: sam_optax.looksam(optax.sgd(0.1, momentum=0.9), k=2)  # noqa: E731
     want = esam_looksam_by_hand(batches, beta=0.5, gamma=0.5, k=2)
     for kwargs in [dict(mesh=auto_mesh()), dict(m=8)]:
-        init, step = sam_optax.sharpness_aware_step(per_example_loss, tx(), geo, sam_optax.data.shards(selection=sharpness_sensitive(0.5), **kwargs))
+        init, step = sam_optax.sharpness_aware_step(
+            per_example_loss, tx(), geo, sam_optax.data.shards(selection=sharpness_sensitive(0.5), **kwargs)
+        )
         p, s = P0, init(P0)
         step = jax.jit(step)
         for b in batches:

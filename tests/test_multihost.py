@@ -37,9 +37,14 @@ def two_process_results(tmp_path_factory):
     try:
         for i in range(2):  # output to files: a full pipe can never block a worker
             with open(logs[i], "w") as log:
-                procs.append(subprocess.Popen(
-                    [sys.executable, os.path.join(HERE, "multihost_worker.py"), str(i), "2", port, "2", str(out)],
-                    env=env, stdout=log, stderr=subprocess.STDOUT))
+                procs.append(
+                    subprocess.Popen(
+                        [sys.executable, os.path.join(HERE, "multihost_worker.py"), str(i), "2", port, "2", str(out)],
+                        env=env,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                    )
+                )
         for p in procs:
             p.wait(timeout=max(1.0, deadline - time.monotonic()))
     except subprocess.TimeoutExpired:

@@ -20,6 +20,7 @@ def test_notebook_runs(path, tmp_path):
     for cell in nb.cells:  # committed without outputs
         if cell.cell_type == "code":
             assert not cell.outputs and cell.execution_count is None, f"{path.name} has stale outputs"
-    client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
-                                     resources={"metadata": {"path": str(tmp_path)}})
+    client = nbclient.NotebookClient(
+        nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    )
     client.execute()

@@ -9,6 +9,7 @@ import optax
 import pytest
 
 import sam_optax
+from helpers import assert_trees_close, loss_fn
 from sam_optax.one_pass import (
     msam_adamw,
     msam_perturbed,
@@ -20,8 +21,6 @@ from sam_optax.one_pass import (
     rwp_sigma_schedule,
     rwp_step,
 )
-
-from helpers import assert_trees_close, loss_fn
 
 # ---------------------------------------------------------------------------
 # A least-squares model whose gradient is written in numpy float64.
@@ -139,9 +138,11 @@ def _adamw_decay_after(lr, b1, b2, eps, wd):
         t = t + 1
         m = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, m, grads)
         v = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * g * g, v, grads)
+
         def new(p, m, v):
             p = p - lr / (1 - b1**t) * m / (jnp.sqrt(v) / jnp.sqrt(1 - b2**t) + eps)
             return p * (1 - lr * wd)
+
         updates = jax.tree.map(lambda p, m, v: new(p, m, v) - p, params, m, v)
         return updates, (t, m, v)
 
@@ -330,9 +331,10 @@ def _loss_on(w, batch):
 
 
 _PAIRS = [(_batch(10 + t), _batch(20 + t)) for t in range(3)]
+_KEY7 = jax.random.PRNGKey(7)
 
 
-def _run_mrwp(init, step, pairs=_PAIRS, dtype=jnp.float32, key=jax.random.PRNGKey(7)):
+def _run_mrwp(init, step, pairs=_PAIRS, dtype=jnp.float32, key=_KEY7):
     params = jax.tree.map(lambda v: jnp.asarray(v, dtype), _W0)
     state, losses = init(params, key), []
     step = jax.jit(step)
@@ -360,9 +362,10 @@ def test_mrwp_step_equals_a_float64_hand_loop_with_a_fixed_key():
             kb, kk = jax.random.split(sub, 2)
             zb = np.asarray(jax.random.normal(kb, (2,), jnp.float64))
             zk = np.asarray(jax.random.normal(kk, (3, 2), jnp.float64))
-            eps = {"b": zb * sigma * (np.linalg.norm(w["b"]) + 1e-16) / np.sqrt(1 + eta * fisher["b"]),
-                   "k": zk * (sigma + 1e-16) * np.linalg.norm(w["k"], axis=0)
-                   / np.sqrt(1 + eta * fisher["k"].sum(0))}
+            eps = {
+                "b": zb * sigma * (np.linalg.norm(w["b"]) + 1e-16) / np.sqrt(1 + eta * fisher["b"]),
+                "k": zk * (sigma + 1e-16) * np.linalg.norm(w["k"], axis=0) / np.sqrt(1 + eta * fisher["k"].sum(0)),
+            }
             g0 = _np_grad_on(w, b0)
             g1 = _np_grad_on({k: w[k] + eps[k] for k in w}, b1)
             fisher = {k: beta * fisher[k] + g1[k] ** 2 for k in w}

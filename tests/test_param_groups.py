@@ -8,8 +8,8 @@ import optax
 import pytest
 
 import sam_optax
-from sam_optax import geometry
 from helpers import assert_trees_close, batches, loss_fn, make_batch, make_params, tmap, train, tree_norm
+from sam_optax import geometry
 
 PARAMS = make_params()
 GRADS = jax.grad(loss_fn)(PARAMS, make_batch())
@@ -71,13 +71,14 @@ def test_grouped_l2_norm_is_one_on_the_ellipsoid():
     eps = perturb(geo)
     np.testing.assert_allclose(geo.norm(eps, GRADS, PARAMS), 1.0, rtol=1e-5)
     pairs = zip(jax.tree.leaves(LABELS), jax.tree.leaves(eps))
-    by_hand = jnp.sqrt(sum(jnp.sum(e ** 2) / RHOS[lab] ** 2 for lab, e in pairs))
+    by_hand = jnp.sqrt(sum(jnp.sum(e**2) / RHOS[lab] ** 2 for lab, e in pairs))
     np.testing.assert_allclose(geo.norm(eps, GRADS, PARAMS), by_hand, rtol=1e-6)
     # a group of radius 0 leaves the ball's sphere: N = ||g_(rho>0)|| / ||g||
     geo0 = geometry.grouped_l2(LABELS, {"a": 0.0, "b": 0.1})
     eps0 = perturb(geo0)
-    np.testing.assert_allclose(geo0.norm(eps0, GRADS, PARAMS), tree_norm(
-        [GRADS["dense2"], GRADS["scale"]]) / tree_norm(GRADS), rtol=1e-5)
+    np.testing.assert_allclose(
+        geo0.norm(eps0, GRADS, PARAMS), tree_norm([GRADS["dense2"], GRADS["scale"]]) / tree_norm(GRADS), rtol=1e-5
+    )
 
 
 def test_grouped_l2_multistep_with_equal_radii_is_l2_multistep():
@@ -135,8 +136,9 @@ def _norm_net():
     batch = make_batch(seed=3)
 
     def loss(p):
-        logits, _ = NormNet().apply({"params": p, "batch_stats": variables["batch_stats"]}, batch["x"],
-                                    train=True, mutable=["batch_stats"])
+        logits, _ = NormNet().apply(
+            {"params": p, "batch_stats": variables["batch_stats"]}, batch["x"], train=True, mutable=["batch_stats"]
+        )
         return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
 
     return params, jax.grad(loss)(params)
@@ -146,13 +148,29 @@ def test_norm_layer_mask_marks_scale_and_bias_of_norm_layers_only():
     params, _ = _norm_net()
     mask = geometry.norm_layer_mask(params)
     selected = {jax.tree_util.keystr(k) for k, m in jax.tree_util.tree_flatten_with_path(mask)[0] if m}
-    assert selected == {"['BatchNorm_0']['bias']", "['BatchNorm_0']['scale']",
-                        "['LayerNorm_0']['bias']", "['LayerNorm_0']['scale']"}
-    names = {"bn1": {"scale": 0, "bias": 0}, "subnet": {"bias": 0}, "ln_f": {"scale": 0}, "norms": [{"scale": 0}],
-             "PreNormBlock": {"Dense_0": {"bias": 0}}, "gn": {"kernel": 0}}
+    assert selected == {
+        "['BatchNorm_0']['bias']",
+        "['BatchNorm_0']['scale']",
+        "['LayerNorm_0']['bias']",
+        "['LayerNorm_0']['scale']",
+    }
+    names = {
+        "bn1": {"scale": 0, "bias": 0},
+        "subnet": {"bias": 0},
+        "ln_f": {"scale": 0},
+        "norms": [{"scale": 0}],
+        "PreNormBlock": {"Dense_0": {"bias": 0}},
+        "gn": {"kernel": 0},
+    }
     got = geometry.norm_layer_mask(names)
-    assert got == {"bn1": {"scale": True, "bias": True}, "subnet": {"bias": False}, "ln_f": {"scale": True},
-                   "norms": [{"scale": True}], "PreNormBlock": {"Dense_0": {"bias": False}}, "gn": {"kernel": False}}
+    assert got == {
+        "bn1": {"scale": True, "bias": True},
+        "subnet": {"bias": False},
+        "ln_f": {"scale": True},
+        "norms": [{"scale": True}],
+        "PreNormBlock": {"Dense_0": {"bias": False}},
+        "gn": {"kernel": False},
+    }
 
 
 def test_norm_layer_mask_on_an_nnx_state():
@@ -168,7 +186,11 @@ def test_norm_layer_mask_on_an_nnx_state():
     mask = geometry.norm_layer_mask(state)
     flags = {jax.tree_util.keystr(k): m for k, m in jax.tree_util.tree_flatten_with_path(mask)[0]}
     assert {k for k, m in flags.items() if m} == {
-        "['bn']['bias'].value", "['bn']['scale'].value", "['norm']['bias'].value", "['norm']['scale'].value"}
+        "['bn']['bias'].value",
+        "['bn']['scale'].value",
+        "['norm']['bias'].value",
+        "['norm']['scale'].value",
+    }
     geo = geometry.only(geometry.l2(0.1), geometry.norm_layer_mask)
     grads = jax.tree.map(jnp.ones_like, state)
     eps, _ = geo.update(grads, geo.init(state), state)

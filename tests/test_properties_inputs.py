@@ -19,7 +19,8 @@ from __future__ import annotations
 import inspect
 import math
 import numbers
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +33,10 @@ from hypothesis import strategies as st
 from sam_optax import averaging, data, decay, geometry, rules
 
 SETTINGS = settings(
-    max_examples=30, deadline=None, derandomize=True, database=None,
+    max_examples=30,
+    deadline=None,
+    derandomize=True,
+    database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 
@@ -45,9 +49,11 @@ PGRADS = jax.tree.map(lambda g: 1.5 * g - 0.01, GRADS)
 TREES = {
     "small": (PARAMS, GRADS, PGRADS),
     "empty": ({}, {}, {}),
-    "zero_size_leaf": ({"w": jnp.array([0.5, -1.0]), "z": jnp.zeros((0, 4))},
-                       {"w": jnp.array([0.1, 0.2]), "z": jnp.zeros((0, 4))},
-                       {"w": jnp.array([0.2, 0.1]), "z": jnp.zeros((0, 4))}),
+    "zero_size_leaf": (
+        {"w": jnp.array([0.5, -1.0]), "z": jnp.zeros((0, 4))},
+        {"w": jnp.array([0.1, 0.2]), "z": jnp.zeros((0, 4))},
+        {"w": jnp.array([0.2, 0.1]), "z": jnp.zeros((0, 4))},
+    ),
 }
 SCHEDULE = optax.linear_schedule(0.1, 0.01, 50)
 SGD = optax.sgd(0.1)
@@ -55,14 +61,75 @@ SGD = optax.sgd(0.1)
 
 # ---- the values -----------------------------------------------------------------------------
 
-WRONG_TYPES = ["0.1", "", "inf", None, [0.1], [], (0.1,), {"a": 0.1}, {0.1}, 1j, 0.1 + 0j, np.complex64(1.0),
-               True, False, np.bool_(True), np.array([0.1, 0.2]), np.zeros((1, 1)), jnp.ones((1,)),
-               np.str_("0.5"), b"0.5", object(), jnp.asarray(0.5 + 0.5j), jnp.asarray(True)]
-SPECIAL = [math.nan, math.inf, -math.inf, np.float32(np.nan), np.float64(np.inf), jnp.asarray(jnp.nan),
-           jnp.asarray(-jnp.inf), 1e39, -1e39, 1e300, 10**400, -(10**400), 0.0, -0.0, 1e-45, 5e-324, 1e-30,
-           -1e-30, 1e30, -1e30, 0.5, 1.0, 0.999999, 2.0, 3.0, np.float32(0.5), jnp.asarray(0.5),
-           jnp.asarray(2, jnp.int32), 0, 1, 2, 3, -1, I32_MAX, I32_MAX + 1, 2**63, -(2**31) - 1,
-           np.int64(3), np.uint8(2), np.int64(2**40), SCHEDULE, len]
+WRONG_TYPES = [
+    "0.1",
+    "",
+    "inf",
+    None,
+    [0.1],
+    [],
+    (0.1,),
+    {"a": 0.1},
+    {0.1},
+    1j,
+    0.1 + 0j,
+    np.complex64(1.0),
+    True,
+    False,
+    np.bool_(True),
+    np.array([0.1, 0.2]),
+    np.zeros((1, 1)),
+    jnp.ones((1,)),
+    np.str_("0.5"),
+    b"0.5",
+    object(),
+    jnp.asarray(0.5 + 0.5j),
+    jnp.asarray(True),
+]
+SPECIAL = [
+    math.nan,
+    math.inf,
+    -math.inf,
+    np.float32(np.nan),
+    np.float64(np.inf),
+    jnp.asarray(jnp.nan),
+    jnp.asarray(-jnp.inf),
+    1e39,
+    -1e39,
+    1e300,
+    10**400,
+    -(10**400),
+    0.0,
+    -0.0,
+    1e-45,
+    5e-324,
+    1e-30,
+    -1e-30,
+    1e30,
+    -1e30,
+    0.5,
+    1.0,
+    0.999999,
+    2.0,
+    3.0,
+    np.float32(0.5),
+    jnp.asarray(0.5),
+    jnp.asarray(2, jnp.int32),
+    0,
+    1,
+    2,
+    3,
+    -1,
+    I32_MAX,
+    I32_MAX + 1,
+    2**63,
+    -(2**31) - 1,
+    np.int64(3),
+    np.uint8(2),
+    np.int64(2**40),
+    SCHEDULE,
+    len,
+]
 
 _wrap = st.sampled_from([lambda x: x, np.float32, np.float64, jnp.asarray])
 VALUES = st.one_of(
@@ -169,6 +236,7 @@ def check(arg: Arg, value: Any, tree: str = "small") -> None:
 
 # ---- the constructors ---------------------------------------------------------------------
 
+
 def run_geometry(geo, tree="small"):
     p, g, _ = TREES[tree]
     eps, state = geo.update(g, geo.init(p), p)
@@ -210,8 +278,12 @@ def kw(factory, base=None, **fixed):
 
 def geometry_args():
     out = []
-    for name, factory in [("l2", geometry.l2), ("pnorm", geometry.pnorm), ("adaptive", geometry.adaptive),
-                          ("fisher", geometry.fisher)]:
+    for name, factory in [
+        ("l2", geometry.l2),
+        ("pnorm", geometry.pnorm),
+        ("adaptive", geometry.adaptive),
+        ("fisher", geometry.fisher),
+    ]:
         b = kw(factory)
         out.append(Arg("rho", b("rho"), run_geometry, schedule_ok=True))
         out.append(Arg("eps", b("eps"), run_geometry))
@@ -225,12 +297,23 @@ def geometry_args():
         Arg("beta", stoch("beta"), run_geometry),
         Arg("beta", stoch_masked("beta"), run_geometry),
         Arg("seed", stoch("seed"), run_geometry, kind="int"),
-        Arg("rho", lambda v: geometry.grouped_l2(lambda t: jax.tree.map(lambda _: "a", t), {"a": v}),
-            run_geometry, schedule_ok=True),
-        Arg("eps", lambda v: geometry.grouped_l2(lambda t: jax.tree.map(lambda _: "a", t), {"a": 0.1}, eps=v),
-            run_geometry),
-        Arg("rho", lambda v: geometry.only(geometry.l2(v), lambda t: jax.tree.map(lambda _: True, t)),
-            run_geometry, schedule_ok=True),
+        Arg(
+            "rho",
+            lambda v: geometry.grouped_l2(lambda t: jax.tree.map(lambda _: "a", t), {"a": v}),
+            run_geometry,
+            schedule_ok=True,
+        ),
+        Arg(
+            "eps",
+            lambda v: geometry.grouped_l2(lambda t: jax.tree.map(lambda _: "a", t), {"a": 0.1}, eps=v),
+            run_geometry,
+        ),
+        Arg(
+            "rho",
+            lambda v: geometry.only(geometry.l2(v), lambda t: jax.tree.map(lambda _: True, t)),
+            run_geometry,
+            schedule_ok=True,
+        ),
     ]
     return out
 
@@ -243,24 +326,35 @@ def rule_args():
         Arg("gamma", wsam("gamma"), run_rule),
         Arg("gamma", wsam_coupled("gamma"), run_rule),
         Arg("max_norm", wsam("max_norm"), run_rule, none_ok=True),
-        Arg("learning_rate", kw(rules.wsam, base=dict(base=SGD), gamma=0.9)("learning_rate"), run_rule,
-            schedule_ok=True),
+        Arg(
+            "learning_rate", kw(rules.wsam, base=dict(base=SGD), gamma=0.9)("learning_rate"), run_rule, schedule_ok=True
+        ),
     ]
     for factory in (rules.gsam, rules.looksam):
         b = kw(factory, base=dict(base=SGD))
-        out += [Arg("alpha", b("alpha"), run_rule), Arg("eps", b("eps"), run_rule),
-                Arg("max_norm", b("max_norm"), run_rule, none_ok=True)]
+        out += [
+            Arg("alpha", b("alpha"), run_rule),
+            Arg("eps", b("eps"), run_rule),
+            Arg("max_norm", b("max_norm"), run_rule, none_ok=True),
+        ]
     out.append(Arg("k", kw(rules.looksam, base=dict(base=SGD))("k"), run_rule, kind="int"))
-    out.append(Arg("every_k", lambda v: rules.accumulate(rules.sam(SGD), v), run_rule, kind="int",
-                   int_arrays=False))
-    out.append(Arg("max_consecutive_errors", lambda v: rules.skip_nonfinite(rules.sam(SGD), v), run_rule,
-                   kind="int", int_arrays=False))
+    out.append(Arg("every_k", lambda v: rules.accumulate(rules.sam(SGD), v), run_rule, kind="int", int_arrays=False))
+    out.append(
+        Arg(
+            "max_consecutive_errors",
+            lambda v: rules.skip_nonfinite(rules.sam(SGD), v),
+            run_rule,
+            kind="int",
+            int_arrays=False,
+        )
+    )
     defaults = dict(rho_max=0.05, rho_min=0.02, lr_max=0.1, lr_min=0.01)
     for name in defaults:  # (None for lr_max / lr_min: "required when learning_rate is a schedule")
         others = {k: v for k, v in defaults.items() if k != name}
         out.append(Arg(name, kw(rules.gsam_rho_schedule, learning_rate=SCHEDULE, **others)(name), run_schedule))
-    out.append(Arg("learning_rate", kw(rules.gsam_rho_schedule, **defaults)("learning_rate"), run_schedule,
-                   schedule_ok=True))
+    out.append(
+        Arg("learning_rate", kw(rules.gsam_rho_schedule, **defaults)("learning_rate"), run_schedule, schedule_ok=True)
+    )
     return out
 
 
@@ -279,23 +373,40 @@ def averaging_args():
         Arg("lr_init", lambda v: averaging.swa_official_schedule(v, 0.05, 10), run_schedule),
         Arg("swa_lr", lambda v: averaging.swa_official_schedule(0.1, v, 10), run_schedule),
         Arg("swa_start", lambda v: averaging.swa_official_schedule(0.1, 0.05, v), run_schedule, kind="int"),
-        Arg("steps_per_epoch", lambda v: averaging.swa_official_schedule(0.1, 0.05, 10, v), run_schedule,
-            kind="int"),
+        Arg("steps_per_epoch", lambda v: averaging.swa_official_schedule(0.1, 0.05, 10, v), run_schedule, kind="int"),
         Arg("learning_rate", lambda v: averaging.grafting_learning_rates(v, 3), lambda r: (r, None)),
-        Arg("num_networks", lambda v: averaging.grafting_learning_rates(0.1, v), lambda r: (r, None), kind="int",
-            build_max=1000),
+        Arg(
+            "num_networks",
+            lambda v: averaging.grafting_learning_rates(0.1, v),
+            lambda r: (r, None),
+            kind="int",
+            build_max=1000,
+        ),
         Arg("a", lambda v: averaging.grafting_coefficient(0.5, 0.4, a=v), lambda r: (r, None)),
         Arg("c", lambda v: averaging.grafting_coefficient(0.5, 0.4, c=v), lambda r: (r, None)),
-        Arg("round_decimals", lambda v: averaging.grafting_coefficient(0.5, 0.4, round_decimals=v),
-            lambda r: (r, None), kind="int", none_ok=True),
-        Arg("num_bins", lambda v: averaging.weight_entropy(jnp.arange(6.0), v), lambda r: (r, None), kind="int",
-            build_max=1000),
+        Arg(
+            "round_decimals",
+            lambda v: averaging.grafting_coefficient(0.5, 0.4, round_decimals=v),
+            lambda r: (r, None),
+            kind="int",
+            none_ok=True,
+        ),
+        Arg(
+            "num_bins",
+            lambda v: averaging.weight_entropy(jnp.arange(6.0), v),
+            lambda r: (r, None),
+            kind="int",
+            build_max=1000,
+        ),
     ]
-    for name, default in [("every", 1), ("a", 0.4), ("c", 500.0), ("num_bins", 10)]:
+    for name, _default in [("every", 1), ("a", 0.4), ("c", 500.0), ("num_bins", 10)]:
+
         def build(v, name=name):
             return averaging.filter_grafting(SGD, **{"every": 1, name: v})
-        out.append(Arg(name, build, run_grafting, kind="int" if name in ("every", "num_bins") else "real",
-                       run_max=1000))
+
+        out.append(
+            Arg(name, build, run_grafting, kind="int" if name in ("every", "num_bins") else "real", run_max=1000)
+        )
     return out
 
 
@@ -313,8 +424,7 @@ def decay_args():
     adamw = kw(decay.adamw, weight_decay=1e-2)
     for name in ("learning_rate", "b1", "b2", "eps", "eps_root"):
         out.append(Arg(name, adamw(name), run_transform))
-    out.append(Arg("weight_decay", kw(decay.adamw, learning_rate=0.1)("weight_decay"), run_transform,
-                   schedule_ok=True))
+    out.append(Arg("weight_decay", kw(decay.adamw, learning_rate=0.1)("weight_decay"), run_transform, schedule_ok=True))
     out.append(Arg("schedule_multiplier", adamw("schedule_multiplier"), run_transform, schedule_ok=True))
     sgdw = kw(decay.sgdw, learning_rate=0.1, weight_decay=1e-2)
     out += [
@@ -323,8 +433,12 @@ def decay_args():
         Arg("schedule_multiplier", sgdw("schedule_multiplier"), run_transform, schedule_ok=True),
         Arg("weight_decay", kw(decay.sgdw, learning_rate=0.1)("weight_decay"), run_transform, schedule_ok=True),
         Arg("weight_decay", kw(decay.decoupled_weight_decay)("weight_decay"), run_transform, schedule_ok=True),
-        Arg("schedule_multiplier", kw(decay.decoupled_weight_decay, weight_decay=0.1)("schedule_multiplier"),
-            run_transform, schedule_ok=True),
+        Arg(
+            "schedule_multiplier",
+            kw(decay.decoupled_weight_decay, weight_decay=0.1)("schedule_multiplier"),
+            run_transform,
+            schedule_ok=True,
+        ),
         Arg("min_ndim", lambda v: decay.weight_decay_mask(PARAMS, v), lambda r: ({}, None), kind="int"),
     ]
     cwr = {"period": 10.0, "t_mult": 2.0, "eta_min": 0.1, "eta_max": 1.0}
@@ -334,8 +448,15 @@ def decay_args():
     nwd = {"lambda_norm": 0.05, "batch_size": 128, "dataset_size": 50000, "epochs": 200.0}
     for name in nwd:
         others = {k: v for k, v in nwd.items() if k != name}
-        out.append(Arg(name, kw(decay.normalized_weight_decay, **others)(name), lambda r: (r, None),
-                       kind="bigint" if name.endswith("size") else "real", int_arrays=False))
+        out.append(
+            Arg(
+                name,
+                kw(decay.normalized_weight_decay, **others)(name),
+                lambda r: (r, None),
+                kind="bigint" if name.endswith("size") else "real",
+                int_arrays=False,
+            )
+        )
     nwdr = {"lambda_norm": 0.05, "period": 10.0, "t_mult": 2.0}
     for name in nwdr:
         others = {k: v for k, v in nwdr.items() if k != name}
@@ -358,8 +479,14 @@ def data_args():
     return [
         Arg("gamma", data.sharpness_sensitive, run_selection),
         Arg("m", lambda v: data.shards(v), run_axis, kind="int", none_ok=True, int_arrays=False),
-        Arg("microbatch_size", lambda v: data.shards(microbatch_size=v), run_axis, kind="int", none_ok=True,
-            int_arrays=False),
+        Arg(
+            "microbatch_size",
+            lambda v: data.shards(microbatch_size=v),
+            run_axis,
+            kind="int",
+            none_ok=True,
+            int_arrays=False,
+        ),
     ]
 
 
@@ -377,8 +504,11 @@ def test_geometries(arg, value):
 
 
 @settings(SETTINGS, max_examples=15)
-@given(arg=_ids(GEOMETRY), value=st.sampled_from([0.05, 1e-30, 1e30, 0.0, 2.0, 3.0, np.float32(0.5)]),
-       tree=st.sampled_from(["empty", "zero_size_leaf"]))
+@given(
+    arg=_ids(GEOMETRY),
+    value=st.sampled_from([0.05, 1e-30, 1e30, 0.0, 2.0, 3.0, np.float32(0.5)]),
+    tree=st.sampled_from(["empty", "zero_size_leaf"]),
+)
 def test_geometries_on_empty_and_zero_size_trees(arg, value, tree):
     check(arg, value, tree)
 
@@ -390,9 +520,11 @@ def test_rules(arg, value):
 
 
 @settings(SETTINGS, max_examples=15)
-@given(arg=_ids([a for a in RULES if a.run is run_rule]),
-       value=st.sampled_from([0.5, 1e-30, 1e30, 0.0, 1, 3, None, np.float32(0.9)]),
-       tree=st.sampled_from(["empty", "zero_size_leaf"]))
+@given(
+    arg=_ids([a for a in RULES if a.run is run_rule]),
+    value=st.sampled_from([0.5, 1e-30, 1e30, 0.0, 1, 3, None, np.float32(0.9)]),
+    tree=st.sampled_from(["empty", "zero_size_leaf"]),
+)
 def test_rules_on_empty_and_zero_size_trees(arg, value, tree):
     check(arg, value, tree)
 

@@ -33,7 +33,7 @@ def section_blocks(heading):
     text = README.read_text()
     start = text.index(f"\n## {heading}\n")
     end = text.find("\n## ", start + 1)
-    return re.findall(r"```python\n(.*?)```", text[start:end if end >= 0 else None], flags=re.S)
+    return re.findall(r"```python\n(.*?)```", text[start : end if end >= 0 else None], flags=re.S)
 
 
 def test_readme_looksam_example_runs():
@@ -96,7 +96,7 @@ def test_readme_benchmark_table_is_the_committed_results():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     text = README.read_text()
-    block = text[text.index(mod.START) + len(mod.START):text.index(mod.END)]
+    block = text[text.index(mod.START) + len(mod.START) : text.index(mod.END)]
     assert block.strip() == mod.summary().strip()
 
 
@@ -115,7 +115,7 @@ def test_readme_claims_tables_are_the_saved_runs():
     seeds = json.loads((results / "summary.json").read_text())["seeds"]
     want = mod.report_markdown(mod.collect(mod.Store(results / "runs.jsonl"), seeds), seeds)
     text = README.read_text()
-    assert text[text.index(mod.START) + len(mod.START):text.index(mod.END)].strip() == want.strip()
+    assert text[text.index(mod.START) + len(mod.START) : text.index(mod.END)].strip() == want.strip()
 
 
 def test_readme_one_object_and_param_groups_section_runs():

@@ -6,12 +6,21 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import sam_optax
-from sam_optax import geometry
 from helpers import (
-    assert_trees_close, batches, loss_fn, make_params, sam_grads_by_hand, tmap, train, tree_norm,
+    assert_trees_close,
+    batches,
+    loss_fn,
+    make_params,
+    sam_grads_by_hand,
+    tmap,
+    train,
+    tree_norm,
 )
+from sam_optax import geometry
 
 RHO = 0.05
 STEPS = 4
@@ -24,6 +33,7 @@ def vdot(a, b):
 
 
 # ---- hand-written references -----------------------------------------------------------
+
 
 def hand_momentum(direction, lr=0.1, beta=0.9, post=None):
     """SGD with momentum (optax convention m = d + beta m) on direction(g, gp, w, t)."""
@@ -48,7 +58,7 @@ def hand_adam(direction, lr_fn, b1=0.9, b2=0.999, eps=1e-8, post=None):
         m = tmap(lambda mi, di: b1 * mi + (1 - b1) * di, m, d)
         v = tmap(lambda vi, di: b2 * vi + (1 - b2) * di * di, v, d)
         k = t + 1
-        step = tmap(lambda mi, vi: (mi / (1 - b1 ** k)) / (jnp.sqrt(vi / (1 - b2 ** k)) + eps), m, v)
+        step = tmap(lambda mi, vi: (mi / (1 - b1**k)) / (jnp.sqrt(vi / (1 - b2**k)) + eps), m, v)
         new = tmap(lambda wi, si: wi - lr_fn(t) * si, w, step)
         if post is not None:
             new = tmap(lambda ni, pi: ni + pi, new, post(g, gp, w, t))
@@ -60,6 +70,7 @@ LR_SCHED = optax.cosine_decay_schedule(1e-2, decay_steps=STEPS)
 
 
 # ---- each rule against its formula ---------------------------------------------------
+
 
 def test_sam_momentum_by_hand():
     got, _ = train(sam_optax.sam(optax.sgd(0.1, momentum=0.9)), geometry.l2(RHO), P0, BATCHES)
@@ -76,8 +87,11 @@ def test_wsam_decoupled_adam_by_hand(gamma):
     alpha = gamma / (1 - gamma)
     tx = sam_optax.wsam(optax.adam(LR_SCHED), gamma, learning_rate=LR_SCHED)
     got, _ = train(tx, geometry.l2(RHO), P0, BATCHES)
-    want = hand_adam(lambda g, gp, w, t: g, LR_SCHED,
-                     post=lambda g, gp, w, t: tmap(lambda a, b: -LR_SCHED(t) * alpha * (b - a), g, gp))
+    want = hand_adam(
+        lambda g, gp, w, t: g,
+        LR_SCHED,
+        post=lambda g, gp, w, t: tmap(lambda a, b: -LR_SCHED(t) * alpha * (b - a), g, gp),
+    )
     assert_trees_close(got, want, rtol=1e-5, atol=1e-6)
 
 
@@ -86,8 +100,9 @@ def test_wsam_decoupled_momentum_by_hand():
     alpha = gamma / (1 - gamma)
     tx = sam_optax.wsam(optax.sgd(lr, momentum=0.9), gamma, learning_rate=lr)
     got, _ = train(tx, geometry.l2(RHO), P0, BATCHES)
-    want = hand_momentum(lambda g, gp, w, t: g, lr=lr,
-                         post=lambda g, gp, w, t: tmap(lambda a, b: -lr * alpha * (b - a), g, gp))
+    want = hand_momentum(
+        lambda g, gp, w, t: g, lr=lr, post=lambda g, gp, w, t: tmap(lambda a, b: -lr * alpha * (b - a), g, gp)
+    )
     assert_trees_close(got, want)
 
 
@@ -95,7 +110,10 @@ def test_wsam_decoupled_momentum_by_hand():
 def test_wsam_coupled_adam_by_hand(gamma):
     tx = sam_optax.wsam(optax.adam(LR_SCHED), gamma, decouple=False)
     got, _ = train(tx, geometry.l2(RHO), P0, BATCHES)
-    coupled = lambda g, gp, w, t: tmap(lambda a, b: ((1 - 2 * gamma) * a + gamma * b) / (1 - gamma), g, gp)
+
+    def coupled(g, gp, w, t):
+        return tmap(lambda a, b: ((1 - 2 * gamma) * a + gamma * b) / (1 - gamma), g, gp)
+
     assert_trees_close(got, hand_adam(coupled, LR_SCHED), rtol=1e-5, atol=1e-6)
 
 
@@ -129,7 +147,10 @@ def test_gsam_rho_schedule_formula():
 
 def test_max_norm_clips_both_gradients():
     max_norm = 0.05
-    clip = lambda t: tmap(lambda x: x * jnp.minimum(1.0, max_norm / tree_norm(t)), t)
+
+    def clip(t):
+        return tmap(lambda x: x * jnp.minimum(1.0, max_norm / tree_norm(t)), t)
+
     gamma, alpha = 0.8, 4.0
     g, gp = sam_grads_by_hand(P0, BATCHES[0], RHO)
     assert tree_norm(g) > max_norm and tree_norm(gp) > max_norm
@@ -140,6 +161,7 @@ def test_max_norm_clips_both_gradients():
 
 
 # ---- identities ---------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("decouple", [True, False])
 def test_wsam_gamma0_is_base(decouple):
@@ -176,15 +198,18 @@ def test_gsam_alpha0_constant_rho_is_sam():
 
 @pytest.mark.parametrize("rule", ["sam", "wsam", "gsam"])
 def test_fisher_eta0_equals_l2_for_every_rule(rule):
-    make = {"sam": lambda: sam_optax.sam(optax.sgd(0.1, momentum=0.9)),
-            "wsam": lambda: sam_optax.wsam(optax.sgd(0.1, momentum=0.9), 0.9, learning_rate=0.1),
-            "gsam": lambda: sam_optax.gsam(optax.sgd(0.1, momentum=0.9), 0.2)}[rule]
+    make = {
+        "sam": lambda: sam_optax.sam(optax.sgd(0.1, momentum=0.9)),
+        "wsam": lambda: sam_optax.wsam(optax.sgd(0.1, momentum=0.9), 0.9, learning_rate=0.1),
+        "gsam": lambda: sam_optax.gsam(optax.sgd(0.1, momentum=0.9), 0.2),
+    }[rule]
     a, _ = train(make(), geometry.fisher(RHO, eta=0.0), P0, BATCHES)
     b, _ = train(make(), geometry.l2(RHO), P0, BATCHES)
     assert_trees_close(a, b, rtol=1e-6, atol=1e-7)
 
 
 # ---- composition with optax pieces -----------------------------------------------------
+
 
 def test_pieces_inside_base_see_the_perturbed_gradient():
     wd, lr, c = 1e-2, 0.1, 0.05
@@ -232,7 +257,9 @@ def test_decoupled_wsam_reads_lr_of_injected_base():
     sched = optax.exponential_decay(0.1, 1, 0.5)
     base = optax.inject_hyperparams(optax.sgd)(learning_rate=sched, momentum=0.9)
     a, _ = train(sam_optax.wsam(base, 0.9), geometry.l2(RHO), P0, BATCHES)
-    b, _ = train(sam_optax.wsam(optax.sgd(sched, momentum=0.9), 0.9, learning_rate=sched), geometry.l2(RHO), P0, BATCHES)
+    b, _ = train(
+        sam_optax.wsam(optax.sgd(sched, momentum=0.9), 0.9, learning_rate=sched), geometry.l2(RHO), P0, BATCHES
+    )
     assert_trees_close(a, b, rtol=1e-6, atol=1e-7)
 
 
@@ -240,16 +267,21 @@ def test_multi_steps_base_accumulates_per_microbatch_sam():
     """sam(MultiSteps(base, k)) over k micro-batches == SAM with m = micro-batch on the whole batch."""
     k, micro = 4, 8
     big = BATCHES[0]
-    micro_batches = [jax.tree.map(lambda a: a[i * micro:(i + 1) * micro], big) for i in range(k)]
+    micro_batches = [jax.tree.map(lambda a: a[i * micro : (i + 1) * micro], big) for i in range(k)]
     for rule in [lambda b: sam_optax.sam(b), lambda b: sam_optax.wsam(b, 0.7, decouple=False)]:
-        accumulated, _ = train(rule(optax.MultiSteps(optax.sgd(0.1, momentum=0.9), k)), geometry.l2(RHO), P0, micro_batches)
+        accumulated, _ = train(
+            rule(optax.MultiSteps(optax.sgd(0.1, momentum=0.9), k)), geometry.l2(RHO), P0, micro_batches
+        )
         whole, _ = train(rule(optax.sgd(0.1, momentum=0.9)), geometry.l2(RHO), P0, [big], m=micro)
         assert_trees_close(accumulated, whole, rtol=1e-5, atol=1e-6)
 
 
 def test_multi_transform_freezes_leaves():
-    labels = {"dense1": {"kernel": "train", "bias": "frozen"}, "dense2": {"kernel": "train", "bias": "train"},
-              "scale": "frozen"}
+    labels = {
+        "dense1": {"kernel": "train", "bias": "frozen"},
+        "dense2": {"kernel": "train", "bias": "train"},
+        "scale": "frozen",
+    }
     tx = optax.multi_transform({"train": sam_optax.sam(optax.sgd(0.1)), "frozen": optax.set_to_zero()}, labels)
     got, _ = train(tx, geometry.l2(RHO), P0, BATCHES[:2])
     w = P0
@@ -299,14 +331,15 @@ def test_bf16_params_stay_bf16():
 
 # ---- property tests: rule identities over random pytrees -----------------------------
 
-from hypothesis import given, settings, strategies as st  # noqa: E402
-
 _shapes = st.lists(st.lists(st.integers(1, 4), min_size=0, max_size=3), min_size=1, max_size=4)
 
 
 def _trees(shape_list, seed):
     keys = jax.random.split(jax.random.PRNGKey(seed), 3 * len(shape_list))
-    mk = lambda j: {f"l{i}": jax.random.normal(keys[3 * i + j], tuple(s)) for i, s in enumerate(shape_list)}
+
+    def mk(j):
+        return {f"l{i}": jax.random.normal(keys[3 * i + j], tuple(s)) for i, s in enumerate(shape_list)}
+
     return mk(0), mk(1), mk(2)
 
 
@@ -314,12 +347,21 @@ def _trees(shape_list, seed):
 @given(_shapes, st.integers(0, 10_000), st.floats(0.0, 0.95), st.floats(0.001, 1.0))
 def test_property_rule_identities(shape_list, seed, gamma, lr):
     g, gp, w = _trees(shape_list, seed)
-    upd = lambda tx: tx.update(g, tx.init(w), w, perturbed_grads=gp)[0]
+
+    def upd(tx):
+        return tx.update(g, tx.init(w), w, perturbed_grads=gp)[0]
+
     sgd = optax.sgd(lr)
     # decoupled == coupled for plain SGD
-    assert_trees_close(upd(sam_optax.wsam(sgd, gamma, learning_rate=lr)), upd(sam_optax.wsam(sgd, gamma, decouple=False)),
-                       rtol=1e-4, atol=1e-5)
+    assert_trees_close(
+        upd(sam_optax.wsam(sgd, gamma, learning_rate=lr)),
+        upd(sam_optax.wsam(sgd, gamma, decouple=False)),
+        rtol=1e-4,
+        atol=1e-5,
+    )
     # coupled 1/2 == sam; gsam alpha=0 == sam; wsam gamma=0 == base on g
     assert_trees_close(upd(sam_optax.wsam(sgd, 0.5, decouple=False)), upd(sam_optax.sam(sgd)), rtol=1e-5, atol=1e-6)
     assert_trees_close(upd(sam_optax.gsam(sgd, 0.0)), upd(sam_optax.sam(sgd)), rtol=0, atol=0)
-    assert_trees_close(upd(sam_optax.wsam(sgd, 0.0, learning_rate=lr)), tmap(lambda x: -lr * x, g), rtol=1e-5, atol=1e-6)
+    assert_trees_close(
+        upd(sam_optax.wsam(sgd, 0.0, learning_rate=lr)), tmap(lambda x: -lr * x, g), rtol=1e-5, atol=1e-6
+    )

@@ -10,8 +10,6 @@ import optax
 import pytest
 
 import sam_optax
-from sam_optax import geometry, rules
-from sam_optax.train import resolve_second_pass
 from helpers import (
     assert_trees_close,
     batches,
@@ -21,6 +19,8 @@ from helpers import (
     sam_grads_by_hand,
     tmap,
 )
+from sam_optax import geometry, rules
+from sam_optax.train import resolve_second_pass
 
 RHO, LR = 0.1, 0.1
 DATA = batches(4)
@@ -52,7 +52,7 @@ def test_periodic_every_3_equals_a_hand_rolled_loop_over_7_steps():
     assert int(s.opt_state.schedule_count) == 7
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def reference(kind):
     """Params after DATA with SAM or the base optimizer (heavy-ball SGD, momentum 0.9) by hand."""
     w = make_params()
@@ -84,8 +84,10 @@ def test_randomized_p0_and_periodic_large_equal_the_base_optimizer():
 def test_skipped_steps_of_wsam_and_gsam_are_the_base_step(rule):
     """rule(g, g) is the base step: WSAM (1 - a) g + a g = g, GSAM g - a * 0 = g; the
     perturbed gradient given on skipped steps (as the Flax steps give it) is ignored."""
-    make = {"wsam": lambda: sam_optax.wsam(optax.sgd(LR, momentum=0.9), gamma=0.9, learning_rate=LR),
-            "gsam": lambda: sam_optax.gsam(optax.sgd(LR, momentum=0.9), alpha=0.5)}[rule]
+    make = {
+        "wsam": lambda: sam_optax.wsam(optax.sgd(LR, momentum=0.9), gamma=0.9, learning_rate=LR),
+        "gsam": lambda: sam_optax.gsam(optax.sgd(LR, momentum=0.9), alpha=0.5),
+    }[rule]
     tx, opt = sam_optax.periodic(make(), every=100), optax.sgd(LR, momentum=0.9)
     w = make_params()
 
@@ -193,20 +195,35 @@ def test_two_schedules_in_one_state_raise():
         resolve_second_pass("auto", (a, b))
 
 
-@pytest.mark.parametrize("kwargs, name", [
-    ({"every": 0}, "every"), ({"every": 1.5}, "every"), ({"every": "3"}, "every"), ({"every": True}, "every"),
-])
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        ({"every": 0}, "every"),
+        ({"every": 1.5}, "every"),
+        ({"every": "3"}, "every"),
+        ({"every": True}, "every"),
+    ],
+)
 def test_periodic_bad_arguments(kwargs, name):
     with pytest.raises(ValueError, match=name):
         sam_optax.periodic(sam_optax.sam(optax.sgd(LR)), **kwargs)
 
 
-@pytest.mark.parametrize("kwargs, name", [
-    ({"p": -0.1}, "p"), ({"p": 1.5}, "p"), ({"p": float("nan")}, "p"), ({"p": "0.5"}, "p"),
-    ({"p": lambda t: 2.0}, r"p\(0\)"), ({"p": lambda: 0.5}, "p must be"),
-    ({"p": 0.5, "seed": -1}, "seed"), ({"p": 0.5, "seed": 1.5}, "seed"), ({"p": 0.5, "seed": 2**32}, "seed"),
-    ({"p": 0.5, "seed": "0"}, "seed"),
-])
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        ({"p": -0.1}, "p"),
+        ({"p": 1.5}, "p"),
+        ({"p": float("nan")}, "p"),
+        ({"p": "0.5"}, "p"),
+        ({"p": lambda t: 2.0}, r"p\(0\)"),
+        ({"p": lambda: 0.5}, "p must be"),
+        ({"p": 0.5, "seed": -1}, "seed"),
+        ({"p": 0.5, "seed": 1.5}, "seed"),
+        ({"p": 0.5, "seed": 2**32}, "seed"),
+        ({"p": 0.5, "seed": "0"}, "seed"),
+    ],
+)
 def test_randomized_bad_arguments(kwargs, name):
     with pytest.raises(ValueError, match=name):
         sam_optax.randomized(sam_optax.sam(optax.sgd(LR)), **kwargs)
@@ -282,11 +299,18 @@ def test_adaptive_policy_one_object_form_and_shards_limit():
         step(make_params(), init(make_params()), batches(1)[0])
 
 
-@pytest.mark.parametrize("kwargs, name", [
-    ({"delta": 1.0}, "delta"), ({"delta": -0.1}, "delta"), ({"total_steps": 0}, "total_steps"),
-    ({"c_start": np.inf}, "c_start and c_end"), ({"c_end": "x"}, "c_end"), ({"mu_init": -1.0}, "mu_init"),
-    ({"var_init": float("nan")}, "var_init"),
-])
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        ({"delta": 1.0}, "delta"),
+        ({"delta": -0.1}, "delta"),
+        ({"total_steps": 0}, "total_steps"),
+        ({"c_start": np.inf}, "c_start and c_end"),
+        ({"c_end": "x"}, "c_end"),
+        ({"mu_init": -1.0}, "mu_init"),
+        ({"var_init": float("nan")}, "var_init"),
+    ],
+)
 def test_adaptive_policy_bad_arguments(kwargs, name):
     with pytest.raises(ValueError, match=name):
         ae(**kwargs)
@@ -433,8 +457,12 @@ def test_adaptive_looksam_literal_false_on_a_sam_step_is_nan_and_bad_arguments()
     init, step = sam_optax.sharpness_aware_step(loss_fn, tx, geometry.l2(RHO))
     p, _, _ = step(make_params(), init(make_params()), DATA[0], second_pass=False)
     assert all(bool(jnp.all(jnp.isnan(x))) for x in jax.tree.leaves(p))
-    for kwargs, name in (({"alpha": -1.0}, "alpha"), ({"eps": -1.0}, "eps"), ({"delta": 1.0}, "delta"),
-                         ({"max_norm": 0.0}, "max_norm")):
+    for kwargs, name in (
+        ({"alpha": -1.0}, "alpha"),
+        ({"eps": -1.0}, "eps"),
+        ({"delta": 1.0}, "delta"),
+        ({"max_norm": 0.0}, "max_norm"),
+    ):
         with pytest.raises(ValueError, match=name):
             sam_optax.adaptive_looksam(optax.sgd(LR), **dict(AE, **kwargs))
     with pytest.raises(ValueError, match="base"):

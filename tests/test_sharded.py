@@ -24,11 +24,12 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import sam_optax
-from sam_optax import distributed, geometry
 from helpers import assert_trees_close, tmap, tree_norm
+from sam_optax import distributed, geometry
 
 pytestmark = pytest.mark.multidevice
 
@@ -51,8 +52,12 @@ def make_mesh(explicit, shape=(4, 2), names=("data", "model")):
 
 def mlp_params(seed=0):
     k1, k2, k3 = jax.random.split(jax.random.PRNGKey(seed), 3)
-    return {"w1": jax.random.normal(k1, (16, 32)) * 0.3, "b1": jax.random.normal(k3, (32,)) * 0.1,
-            "w2": jax.random.normal(k2, (32, 4)) * 0.3, "b2": jnp.zeros((4,))}
+    return {
+        "w1": jax.random.normal(k1, (16, 32)) * 0.3,
+        "b1": jax.random.normal(k3, (32,)) * 0.1,
+        "w2": jax.random.normal(k2, (32, 4)) * 0.3,
+        "b2": jnp.zeros((4,)),
+    }
 
 
 def mlp_batch(seed=1, n=64):
@@ -84,7 +89,7 @@ def by_hand(loss, params, batch, m):
     n = batch["x"].shape[0]
     gs, gps = [], []
     for i in range(n // m):
-        chunk = jax.tree.map(lambda a: a[i * m:(i + 1) * m], batch)
+        chunk = jax.tree.map(lambda a: a[i * m : (i + 1) * m], batch)
         g = jax.grad(loss)(params, chunk)
         pert = tmap(lambda p, gi: p + RHO * gi / (tree_norm(g) + 1e-12), params, g)
         gps.append(jax.grad(loss)(pert, chunk))
@@ -126,7 +131,8 @@ def test_mesh_keeps_tensor_parallel_params_sharded(explicit, m, mode):
     params, batch = mlp_params(), mlp_batch()
     ps = put(params, mesh, TP_SPECS)
     f = sam_optax.sharpness_aware_grad(
-        tp_loss, geometry.l2(RHO), sam_optax.data.shards(m, mesh=mesh, axis_name="data", chunk_mode=mode))
+        tp_loss, geometry.l2(RHO), sam_optax.data.shards(m, mesh=mesh, axis_name="data", chunk_mode=mode)
+    )
     with jax.set_mesh(mesh):
         out, counts = compile_and_run(f, ps, jax.device_put(batch, NamedSharding(mesh, P("data"))))
     assert counts["all-gather"] == 0, counts
@@ -205,8 +211,10 @@ def test_global_sam_keeps_fsdp_params_sharded(explicit):
 
 _COMPILES = []
 jax.monitoring.register_event_duration_secs_listener(
-    lambda event, duration, **kw: _COMPILES.append(event) if event == "/jax/core/compile/backend_compile_duration"
-    else None)
+    lambda event, duration, **kw: (
+        _COMPILES.append(event) if event == "/jax/core/compile/backend_compile_duration" else None
+    )
+)
 
 
 def compilations_during(fn):
@@ -288,8 +296,9 @@ def test_linen_and_nnx_steps_compile_once_on_a_mesh_and_restore_onto_it(tmp_path
     model = Net()
     v = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16)), train=False)
     tx = sam_optax.sam(optax.adam(1e-2))
-    state = TrainState.create(apply_fn=model.apply, params=v["params"], tx=tx, geometry=geometry.l2(RHO),
-                              batch_stats=v["batch_stats"])
+    state = TrainState.create(
+        apply_fn=model.apply, params=v["params"], tx=tx, geometry=geometry.l2(RHO), batch_stats=v["batch_stats"]
+    )
     step = linen_train_step(linen_loss, data=data)
     state, _ = step(state, batches[0], rng)
     (state, _), n = compilations_during(lambda: [step(state, b, rng) for b in batches[1:3]][-1])
@@ -343,7 +352,13 @@ def test_place_and_abstract_like():
 
 def test_sharded_params_example_runs():
     env = dict(os.environ, PYTHONPATH=str(EXAMPLE.parent.parent))
-    res = subprocess.run([sys.executable, str(EXAMPLE), "--steps", "3"], capture_output=True, text=True,
-                         timeout=300, env=env, cwd=EXAMPLE.parent.parent)
+    res = subprocess.run(
+        [sys.executable, str(EXAMPLE), "--steps", "3"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=EXAMPLE.parent.parent,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert "all-gathers in the compiled step: 0 | compilations: 1" in res.stdout

@@ -35,8 +35,9 @@ def result(swap):
 @pytest.mark.multidevice
 def test_swap_average_is_the_mean_of_independent_replicas(result):
     rp = result["replica_params"]
-    assert_trees_close(result["swap_params"], jax.tree.map(lambda x: np.mean(np.asarray(x, np.float64), 0), rp),
-                       rtol=1e-6, atol=1e-7)
+    assert_trees_close(
+        result["swap_params"], jax.tree.map(lambda x: np.mean(np.asarray(x, np.float64), 0), rp), rtol=1e-6, atol=1e-7
+    )
     k = np.asarray(rp["Dense_0"]["kernel"])
     assert min(np.abs(k[i] - k[j]).max() for i in range(4) for j in range(i)) > 1e-3  # own data orders
     assert result["swap_accuracy"] >= 0.9 and min(result["replica_accuracies"]) >= 0.9
@@ -49,8 +50,9 @@ def test_swap_batchnorm_statistics_are_those_of_the_averaged_network(result):
     h = x @ np.asarray(p["kernel"], np.float64) + np.asarray(p["bias"], np.float64)
     stats = result["swap_batch_stats"]["BatchNorm_0"]
     np.testing.assert_allclose(stats["mean"], h.mean(0), rtol=1e-5, atol=1e-5)  # 7 equal batches of 200
-    np.testing.assert_allclose(stats["var"], np.mean([h[i:i + 200].var(0) for i in range(0, 1400, 200)], 0),
-                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        stats["var"], np.mean([h[i : i + 200].var(0) for i in range(0, 1400, 200)], 0), rtol=1e-4, atol=1e-5
+    )
 
 
 @pytest.mark.multidevice

@@ -37,7 +37,10 @@ def _geo(normalize="masked", granularity="tensor"):
 
 def test_skip_weight_grads_is_masked_gradient():
     params, batch = _mlp_params(jax.random.PRNGKey(0)), _batch()
-    loss = lambda p, b: _per_example(p, b).mean()
+
+    def loss(p, b):
+        return _per_example(p, b).mean()
+
     g = jax.grad(loss)(params, batch)
     keep = {"l1": {"kernel": False, "bias": True}, "l2": {"kernel": True, "bias": False}, "l3": {"kernel": False}}
     gs = jax.jit(jax.grad(swp.skip_weight_grads(loss, keep)))(params, batch)
@@ -53,7 +56,10 @@ def test_skipped_kernel_gradient_is_not_computed():
     # its masking (g * 0) NaN, as in today's SWP; skipped, it is never computed: exactly 0.
     x = jnp.zeros((4, 2)).at[:2, 0].set(3e38)
     p = {"k": jnp.full((2, 1), 1e-38), "b": jnp.zeros(1)}
-    loss = lambda p, x: jnp.sum(x @ p["k"] + p["b"])
+
+    def loss(p, x):
+        return jnp.sum(x @ p["k"] + p["b"])
+
     assert np.isfinite(loss(p, x))
     off = {"k": jnp.array(False), "b": jnp.array(True)}
     g_skip = jax.jit(jax.grad(swp.skip_weight_grads(loss, off)))(p, x)
@@ -90,7 +96,11 @@ def test_keep_bits_are_the_geometry_masks():
     @jax.jit
     def bits_and_mask(state):
         _, sub = jax.random.split(state.key)
-        return keep_bits(state, params, 0.5), sample_mask(sub, params, 0.5, "tensor"), geo.update(params, state, params)[1]
+        return (
+            keep_bits(state, params, 0.5),
+            sample_mask(sub, params, 0.5, "tensor"),
+            geo.update(params, state, params)[1],
+        )
 
     seen = set()
     for _ in range(3):
@@ -116,8 +126,10 @@ def test_same_update_as_todays_swp():
         p, s, o = step(p, s, batch)
         skipped += sum(not bool(b) for b in bits)
         masked_ref = [g * b for g, b in zip(jax.tree.leaves(o_ref.grads), bits)]  # out.grads is m * g
-        for a, b in zip(jax.tree.leaves((p, o.grads, o.perturbed_grads, o.perturbed_loss)),
-                        jax.tree.leaves((p_ref, masked_ref, o_ref.perturbed_grads, o_ref.perturbed_loss))):
+        for a, b in zip(
+            jax.tree.leaves((p, o.grads, o.perturbed_grads, o.perturbed_loss)),
+            jax.tree.leaves((p_ref, masked_ref, o_ref.perturbed_grads, o_ref.perturbed_loss)),
+        ):
             np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6)
         np.testing.assert_array_equal(s.ascent_state.key, s_ref.ascent_state.key)
     assert 0 < skipped < 4 * 5  # some tensors were masked out, not all

@@ -12,10 +12,9 @@ import pytest
 from flax import nnx
 
 import sam_optax
+from helpers import assert_trees_close, tmap, tree_norm
 from sam_optax import trajectory
 from sam_optax.trajectory import SCALE, TARGETS
-
-from helpers import assert_trees_close, tmap, tree_norm
 
 N, D, C, B, SPE = 12, 4, 3, 4, 3  # 12 examples, 3 steps of 4 per epoch
 _RNG = np.random.default_rng(0)
@@ -27,7 +26,7 @@ PERMS = [np.random.default_rng(10 + e).permutation(N) for e in range(8)]  # epoc
 
 def batch_ids(step):
     epoch, s = divmod(step, SPE)
-    return PERMS[epoch][s * B:(s + 1) * B].astype(np.int32)
+    return PERMS[epoch][s * B : (s + 1) * B].astype(np.int32)
 
 
 def make_batch(step, dtype=np.float32):
@@ -56,7 +55,7 @@ def hand_loop(tx, steps, *, weight, tau, delay, start, end, scale, teacher_decay
     teacher = {k: np.array(v) for k, v in W0.items()}
     opt_state = tx.init(tmap(jnp.asarray, params))
     seen, out = {}, []
-    c_full = weight * tau ** 2 if scale == "code" else weight
+    c_full = weight * tau**2 if scale == "code" else weight
     for t in range(steps):
         epoch, ids = t // SPE + 1, batch_ids(t)  # 1-indexed epoch
         x, y = X[ids], Y[ids]
@@ -105,8 +104,19 @@ def test_saf_matches_a_float64_hand_loop(case):
     steps = 5 * SPE  # epochs 1-2 off, 3-4 on, 5 off again (end_epoch)
     with jax.enable_x64(True):
         want, seen = hand_loop(make_tx(), steps, **cfg)
-        reg = trajectory.saf(N, C, steps_per_epoch=SPE, weight=0.5, temperature=2.0, delay_epochs=2,
-                             start_epoch=2, end_epoch=4, scale=scale, slots=slots, dtype=jnp.float64)
+        reg = trajectory.saf(
+            N,
+            C,
+            steps_per_epoch=SPE,
+            weight=0.5,
+            temperature=2.0,
+            delay_epochs=2,
+            start_epoch=2,
+            end_epoch=4,
+            scale=scale,
+            slots=slots,
+            dtype=jnp.float64,
+        )
         got = run_library(make_tx(), reg, steps, jnp.float64)
         for (wp, wl, we, wc, _), (gp, gl, aux, _) in zip(want, got):
             assert_trees_close(gp, wp, rtol=1e-10, atol=1e-12)
@@ -126,8 +136,9 @@ def test_saf_matches_a_float64_hand_loop(case):
 @pytest.mark.parametrize("scale", ["code", "paper"])
 def test_kl_gradient_identity_on_the_logits(scale):
     weight, tau = 0.3, 5.0
-    reg = trajectory.saf(N, C, steps_per_epoch=1, weight=weight, temperature=tau, delay_epochs=1,
-                         start_epoch=1, scale=scale)
+    reg = trajectory.saf(
+        N, C, steps_per_epoch=1, weight=weight, temperature=tau, delay_epochs=1, start_epoch=1, scale=scale
+    )
     table = jax.random.normal(jax.random.PRNGKey(0), (1, N, C)) * 3
     state = trajectory.SAFState(count=jnp.asarray(1, jnp.int32), table=table)  # epoch 2: on
     ids = jnp.array([5, 0, 11, 3])
@@ -139,7 +150,7 @@ def test_kl_gradient_identity_on_the_logits(scale):
     want = weight * tau * (q - p) / 4 if scale == "code" else weight * (q - p) / (tau * 4)
     np.testing.assert_allclose(g, want, rtol=1e-5, atol=1e-7)
     kl = np.sum(p * (np.log(p) - np.log(q)), -1)
-    c = weight * tau ** 2 if scale == "code" else weight
+    c = weight * tau**2 if scale == "code" else weight
     np.testing.assert_allclose(reg.loss(z, batch), c * kl.mean(), rtol=1e-5)
 
 
@@ -160,14 +171,16 @@ def plain_run(tx, steps):
 
 @pytest.mark.parametrize("which", ["saf weight 0", "saf before start", "mesa decay 0"])
 def test_identities_with_the_base_optimizer(which):
-    tx = lambda: optax.adamw(0.05, weight_decay=0.1) if which == "mesa decay 0" else optax.sgd(0.3, momentum=0.9)
+    def tx():
+        return optax.adamw(0.05, weight_decay=0.1) if which == "mesa decay 0" else optax.sgd(0.3, momentum=0.9)
+
     regs = {
         "saf weight 0": trajectory.saf(N, C, steps_per_epoch=SPE, weight=0.0, delay_epochs=1, start_epoch=1),
         "saf before start": trajectory.saf(N, C, steps_per_epoch=SPE, start_epoch=9),
         "mesa decay 0": trajectory.mesa(steps_per_epoch=SPE, decay=0.0, start_epoch=0),
     }
     got = run_library(tx(), regs[which], 3 * SPE)
-    for (gp, _, aux, _), wp in zip(got, plain_run(tx(), 3 * SPE)):
+    for (gp, _, _aux, _), wp in zip(got, plain_run(tx(), 3 * SPE)):
         # SAF: exactly (0 * KL adds 0); MESA: the teacher's own forward may round differently
         tol = dict(rtol=1e-5, atol=1e-7) if which == "mesa decay 0" else dict(rtol=0, atol=0)
         assert_trees_close(gp, wp, **tol)
@@ -176,14 +189,17 @@ def test_identities_with_the_base_optimizer(which):
 
 
 def test_mesa_matches_a_float64_hand_loop_with_its_ema_teacher():
-    tx = lambda: optax.sgd(0.3, momentum=0.9)
+    def tx():
+        return optax.sgd(0.3, momentum=0.9)
+
     steps, decay = 3 * SPE, 0.7
     with jax.enable_x64(True):
-        want, _ = hand_loop(tx(), steps, weight=0.4, tau=3.0, delay=None, start=1, end=None, scale="code",
-                            teacher_decay=decay)
+        want, _ = hand_loop(
+            tx(), steps, weight=0.4, tau=3.0, delay=None, start=1, end=None, scale="code", teacher_decay=decay
+        )
         reg = trajectory.mesa(steps_per_epoch=SPE, weight=0.4, temperature=3.0, decay=decay, start_epoch=1)
         got = run_library(tx(), reg, steps, jnp.float64)
-        for (wp, wl, we, wc, wt), (gp, gl, aux, state) in zip(want, got):
+        for (wp, wl, _we, wc, wt), (gp, gl, aux, state) in zip(want, got):
             assert_trees_close(gp, wp, rtol=1e-10, atol=1e-12)
             assert_trees_close(state.reg_state.teacher, wt, rtol=1e-10, atol=1e-12)
             np.testing.assert_allclose(float(gl), wl, rtol=1e-10)
@@ -199,8 +215,11 @@ def test_one_forward_per_step_for_saf_one_extra_teacher_forward_for_mesa(kind, p
         jax.debug.callback(lambda: calls.append(1))
         return logits_fn(params, batch)
 
-    reg = (trajectory.saf(N, C, steps_per_epoch=SPE, delay_epochs=1, start_epoch=1) if kind == "saf"
-           else trajectory.mesa(steps_per_epoch=SPE, start_epoch=1))
+    reg = (
+        trajectory.saf(N, C, steps_per_epoch=SPE, delay_epochs=1, start_epoch=1)
+        if kind == "saf"
+        else trajectory.mesa(steps_per_epoch=SPE, start_epoch=1)
+    )
     init, step = trajectory.trajectory_step(counted, ce, optax.sgd(0.1), reg)
     params = tmap(jnp.asarray, W0)
     state, jstep = init(params), jax.jit(step)
@@ -261,9 +280,14 @@ BAD_ARGS = [
 def test_bad_arguments_raise_value_error_naming_them(kind, kwargs, name):
     if kind == "saf":
         args = dict(dict(num_examples=N, num_classes=C, steps_per_epoch=SPE), **kwargs)
-        call = lambda: trajectory.saf(args.pop("num_examples"), args.pop("num_classes"), **args)
+
+        def call():
+            return trajectory.saf(args.pop("num_examples"), args.pop("num_classes"), **args)
     else:
-        call = lambda: trajectory.mesa(**dict(dict(steps_per_epoch=SPE), **kwargs))
+
+        def call():
+            return trajectory.mesa(**dict(dict(steps_per_epoch=SPE), **kwargs))
+
     with pytest.raises(ValueError, match=name):
         call()
 
@@ -289,8 +313,9 @@ def test_linen_saf_through_linen_train_step_equals_the_plain_step():
         logits = apply(batch["x"])
         return ce(logits, batch) + reg.loss(logits, batch), {"logits": logits}
 
-    state = sam_optax.flax.TrainState.create(apply_fn=model.apply, params=params,
-                                             tx=sam_optax.sam(optax.sgd(lr)), geometry=sam_optax.geometry.l2(0.0))
+    state = sam_optax.flax.TrainState.create(
+        apply_fn=model.apply, params=params, tx=sam_optax.sam(optax.sgd(lr)), geometry=sam_optax.geometry.l2(0.0)
+    )
     step, reg_state = sam_optax.flax.linen_train_step(loss_fn, has_aux=True), reg.init(None)
     init, plain = trajectory.trajectory_step(lambda p, b: model.apply({"params": p}, b["x"]), ce, optax.sgd(lr), reg)
     want_p, want_s = params, init(params)
@@ -318,7 +343,10 @@ def test_nnx_mesa_through_nnx_train_step_equals_the_plain_step():
     graphdef, params0 = nnx.split(model, nnx.Param)
     params0 = jax.tree.map(jnp.copy, params0)  # not the model's own variables, which the step updates
     reg = trajectory.mesa(steps_per_epoch=SPE, weight=0.5, temperature=2.0, decay=0.5, start_epoch=0)
-    forward = lambda p, b: nnx.merge(graphdef, p)(b["x"])
+
+    def forward(p, b):
+        return nnx.merge(graphdef, p)(b["x"])
+
     prepare = jax.jit(lambda s, b: reg.prepare(s, b, forward))
     update = jax.jit(reg.update)
 
@@ -326,8 +354,7 @@ def test_nnx_mesa_through_nnx_train_step_equals_the_plain_step():
         logits = model(batch["x"])
         return ce(logits, batch) + reg.loss(logits, batch), {"logits": logits}
 
-    optimizer = sam_optax.flax.SharpnessAwareOptimizer(model, sam_optax.sam(optax.sgd(lr)),
-                                                      sam_optax.geometry.l2(0.0))
+    optimizer = sam_optax.flax.SharpnessAwareOptimizer(model, sam_optax.sam(optax.sgd(lr)), sam_optax.geometry.l2(0.0))
     step, reg_state = sam_optax.flax.nnx_train_step(loss_fn, has_aux=True), reg.init(params0)
     init, plain = trajectory.trajectory_step(forward, ce, optax.sgd(lr), reg)
     want_p, want_s = params0, init(params0)

@@ -8,10 +8,16 @@ import optax
 import pytest
 
 import sam_optax
-from sam_optax import geometry
 from helpers import (
-    assert_trees_close, loss_fn, make_batch, make_params, sam_grads_by_hand, tmap, tree_norm,
+    assert_trees_close,
+    loss_fn,
+    make_batch,
+    make_params,
+    sam_grads_by_hand,
+    tmap,
+    tree_norm,
 )
+from sam_optax import geometry
 
 RHO = 0.1
 P0 = make_params()
@@ -33,7 +39,9 @@ def test_global_sam_matches_hand():
 @pytest.mark.parametrize("m", [4, 8, 16])
 @pytest.mark.parametrize("mode", ["vmap", "scan", "unroll"])
 def test_m_sharpness_chunks_match_per_chunk_loop(m, mode):
-    out = sam_optax.sharpness_aware_grad(loss_fn, geometry.l2(RHO), data=sam_optax.data.shards(m=m, chunk_mode=mode))(P0, BATCH)
+    out = sam_optax.sharpness_aware_grad(loss_fn, geometry.l2(RHO), data=sam_optax.data.shards(m=m, chunk_mode=mode))(
+        P0, BATCH
+    )
     g, gp = sam_grads_by_hand(P0, BATCH, RHO, m=m)
     assert_trees_close(out.grads, g)
     assert_trees_close(out.perturbed_grads, gp)
@@ -50,7 +58,9 @@ def test_m_equal_batch_is_global_sam():
 
 @pytest.mark.parametrize("mode", ["vmap", "scan"])
 def test_microbatches_inside_a_shard_share_one_perturbation(mode):
-    out = sam_optax.sharpness_aware_grad(loss_fn, geometry.l2(RHO), data=sam_optax.data.shards(m=16, microbatch_size=4, chunk_mode=mode))(P0, BATCH)
+    out = sam_optax.sharpness_aware_grad(
+        loss_fn, geometry.l2(RHO), data=sam_optax.data.shards(m=16, microbatch_size=4, chunk_mode=mode)
+    )(P0, BATCH)
     g, gp = sam_grads_by_hand(P0, BATCH, RHO, m=16)
     assert_trees_close(out.grads, g)
     assert_trees_close(out.perturbed_grads, gp)
@@ -59,9 +69,16 @@ def test_microbatches_inside_a_shard_share_one_perturbation(mode):
 def test_multi_step_ascent_by_hand():
     n = 3
     out = sam_optax.sharpness_aware_grad(loss_fn, geometry.l2(RHO), ascent_steps=n)(P0, BATCH)
-    grad = lambda p: jax.grad(loss_fn)(p, BATCH)
-    unit = lambda g: tmap(lambda x: x / tree_norm(g), g)
-    project = lambda e: tmap(lambda x: x * jnp.minimum(1.0, RHO / tree_norm(e)), e)
+
+    def grad(p):
+        return jax.grad(loss_fn)(p, BATCH)
+
+    def unit(g):
+        return tmap(lambda x: x / tree_norm(g), g)
+
+    def project(e):
+        return tmap(lambda x: x * jnp.minimum(1.0, RHO / tree_norm(e)), e)
+
     eps = project(tmap(lambda d: RHO / n * d, unit(grad(P0))))
     for _ in range(n - 1):
         gk = grad(tmap(jnp.add, P0, eps))
@@ -85,7 +102,9 @@ def test_aux_comes_from_the_clean_pass_only():
         logits = jnp.mean(jnp.abs(params["dense2"]["kernel"]))
         return loss_fn(params, batch), {"stat": logits, "calls": jnp.int32(1)}
 
-    out = sam_optax.sharpness_aware_grad(loss_with_aux, geometry.l2(1.0), has_aux=True, data=sam_optax.data.shards(m=8))(P0, BATCH)
+    out = sam_optax.sharpness_aware_grad(
+        loss_with_aux, geometry.l2(1.0), has_aux=True, data=sam_optax.data.shards(m=8)
+    )(P0, BATCH)
     np.testing.assert_allclose(out.aux["stat"], jnp.mean(jnp.abs(P0["dense2"]["kernel"])), rtol=1e-6)
     assert int(out.aux["calls"]) == 1
 
@@ -103,7 +122,10 @@ def test_weight_decay_in_ascent_direction_by_chaining_before_the_geometry():
 
 def test_l2_term_in_the_loss_is_the_original_jax_behaviour():
     wd = 0.3
-    l2_loss = lambda p, b: loss_fn(p, b) + 0.5 * wd * sum(jnp.sum(x * x) for x in jax.tree.leaves(p))
+
+    def l2_loss(p, b):
+        return loss_fn(p, b) + 0.5 * wd * sum(jnp.sum(x * x) for x in jax.tree.leaves(p))
+
     out = sam_optax.sharpness_aware_grad(l2_loss, geometry.l2(RHO))(P0, BATCH)
     g = tmap(lambda gi, w: gi + wd * w, jax.grad(loss_fn)(P0, BATCH), P0)
     pert = tmap(lambda w, gi: w + RHO * gi / tree_norm(g), P0, g)
@@ -172,8 +194,9 @@ def test_rho_schedule_advances_and_no_recompile_after_step_one():
     sched = optax.linear_schedule(0.01, 0.2, 5)
     geo = geometry.l2(sched)
     f = sam_optax.sharpness_aware_grad(loss_fn, geo, data=sam_optax.data.shards(m=8))
-    tx = sam_optax.wsam(optax.adam(optax.cosine_decay_schedule(1e-2, 10)), 0.9,
-                        learning_rate=optax.cosine_decay_schedule(1e-2, 10))
+    tx = sam_optax.wsam(
+        optax.adam(optax.cosine_decay_schedule(1e-2, 10)), 0.9, learning_rate=optax.cosine_decay_schedule(1e-2, 10)
+    )
 
     @jax.jit
     def step(params, opt_state, ascent, batch):

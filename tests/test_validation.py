@@ -35,6 +35,7 @@ def geometry_step(geo, params=PARAMS):
 
 # ---- item 1: wrong types --------------------------------------------------------------
 
+
 def test_string_rho_is_rejected_at_construction():
     with pytest.raises(ValueError, match="rho must be a real number"):
         geometry.l2(rho="0.05")
@@ -63,8 +64,19 @@ def test_complex_rho_is_rejected(rho):
         geometry.l2(rho=rho)
 
 
-WRONG_TYPES = ["0.1", None, [0.1], (0.1,), {"a": 0.1}, 0.1 + 1j, True, np.bool_(False), np.array([0.1, 0.2]),
-               np.str_("0.1"), object()]
+WRONG_TYPES = [
+    "0.1",
+    None,
+    [0.1],
+    (0.1,),
+    {"a": 0.1},
+    0.1 + 1j,
+    True,
+    np.bool_(False),
+    np.array([0.1, 0.2]),
+    np.str_("0.1"),
+    object(),
+]
 
 REAL_ARGS = [
     (geometry.l2, {}, "rho"),
@@ -117,8 +129,14 @@ def test_base_optimizers_and_geometries_must_be_transformations():
 
 
 def test_concrete_scalar_arrays_are_checked_like_numbers():
-    for value in [np.float32(0.1), np.float64(0.1), jnp.asarray(0.1), np.asarray(0.1), jnp.asarray(1, jnp.int32),
-                  jnp.asarray(0.1, jnp.bfloat16)]:
+    for value in [
+        np.float32(0.1),
+        np.float64(0.1),
+        jnp.asarray(0.1),
+        np.asarray(0.1),
+        jnp.asarray(1, jnp.int32),
+        jnp.asarray(0.1, jnp.bfloat16),
+    ]:
         eps = geometry_step(geometry.l2(rho=value))
         assert finite(eps) and jnp.shape(eps["s"]) == ()
     for value in [jnp.asarray(-0.1), np.float32(np.nan), jnp.asarray(jnp.inf), np.asarray([0.1])]:
@@ -196,8 +214,11 @@ INF_ARGS = [
 ]
 
 
-@pytest.mark.parametrize("value", [math.inf, -math.inf, np.float32(np.inf), jnp.asarray(jnp.inf), 1e39, 1e300, 10**400],
-                         ids=["inf", "-inf", "np_inf", "jnp_inf", "1e39", "1e300", "10**400"])
+@pytest.mark.parametrize(
+    "value",
+    [math.inf, -math.inf, np.float32(np.inf), jnp.asarray(jnp.inf), 1e39, 1e300, 10**400],
+    ids=["inf", "-inf", "np_inf", "jnp_inf", "1e39", "1e300", "10**400"],
+)
 @pytest.mark.parametrize("factory,kwargs,arg", INF_ARGS, ids=lambda x: x if isinstance(x, str) else "")
 def test_inf_and_beyond_float32_are_rejected_by_name(factory, kwargs, arg, value):
     with pytest.raises(ValueError, match=arg):
@@ -227,15 +248,17 @@ def test_positive_values_that_round_to_zero_in_float32_are_rejected():
 
 def test_ascent_step_size_inf_is_rejected():
     with pytest.raises(ValueError, match="ascent_step_size"):
-        sam_optax.sharpness_aware_grad(lambda p, b: jnp.sum(p["w"] ** 2), geometry.l2(), ascent_steps=2,
-                                       ascent_step_size=math.inf)
+        sam_optax.sharpness_aware_grad(
+            lambda p, b: jnp.sum(p["w"] ** 2), geometry.l2(), ascent_steps=2, ascent_step_size=math.inf
+        )
 
 
 def test_ascent_step_size_above_one_is_rejected():
     # 1e30 silently turned SAM into SGD; a step larger than the radius is always projected back
     with pytest.raises(ValueError, match="ascent_step_size"):
-        sam_optax.sharpness_aware_grad(lambda p, b: jnp.sum(p["w"] ** 2), geometry.l2(), ascent_steps=2,
-                                       ascent_step_size=1e30)
+        sam_optax.sharpness_aware_grad(
+            lambda p, b: jnp.sum(p["w"] ** 2), geometry.l2(), ascent_steps=2, ascent_step_size=1e30
+        )
 
 
 # ---- item 9 -------------------------------------------------------------------------------
@@ -314,8 +337,11 @@ INT_ARGS = [
 ]
 
 
-@pytest.mark.parametrize("value", [BIG, 2**63, np.int64(BIG), np.uint64(2**63), 10**12],
-                         ids=["2**31", "2**63", "np_2**31", "np_u2**63", "10**12"])
+@pytest.mark.parametrize(
+    "value",
+    [BIG, 2**63, np.int64(BIG), np.uint64(2**63), 10**12],
+    ids=["2**31", "2**63", "np_2**31", "np_u2**63", "10**12"],
+)
 @pytest.mark.parametrize("make,arg", INT_ARGS, ids=lambda x: x if isinstance(x, str) else "")
 def test_integers_beyond_int32_are_rejected(make, arg, value):
     with pytest.raises(ValueError, match=arg):
@@ -323,9 +349,13 @@ def test_integers_beyond_int32_are_rejected(make, arg, value):
 
 
 def test_int32_max_still_works_at_the_first_update():
-    for tx in [rules.looksam(SGD, k=BIG - 1), averaging.swa(SGD, start_step=BIG - 1),
-               averaging.lookahead(SGD, sync_period=BIG - 1), rules.accumulate(rules.sam(SGD), BIG - 1),
-               rules.skip_nonfinite(rules.sam(SGD), BIG - 1)]:
+    for tx in [
+        rules.looksam(SGD, k=BIG - 1),
+        averaging.swa(SGD, start_step=BIG - 1),
+        averaging.lookahead(SGD, sync_period=BIG - 1),
+        rules.accumulate(rules.sam(SGD), BIG - 1),
+        rules.skip_nonfinite(rules.sam(SGD), BIG - 1),
+    ]:
         assert finite(rule_step(tx))
 
 
@@ -340,7 +370,15 @@ def test_numpy_integer_seeds_are_accepted(seed):
 def test_numpy_ints_accepted_bools_and_floats_rejected(make, arg):
     make(np.int64(3))
     make(np.int32(3))
-    for bad in [True, np.bool_(True), 3.0, np.float64(3.0), "3", [3], None if arg not in ("m", "microbatch_size") else "x"]:
+    for bad in [
+        True,
+        np.bool_(True),
+        3.0,
+        np.float64(3.0),
+        "3",
+        [3],
+        None if arg not in ("m", "microbatch_size") else "x",
+    ]:
         with pytest.raises(ValueError, match=arg):
             make(bad)
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Optional
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -37,7 +38,7 @@ class _Accumulator:
     def __init__(self, variance: str):
         self.variance = variance
         self.seen = 0
-        self.acc = None
+        self.acc: list | None = None
 
     def add(self, means: list, variances: list, size: int) -> None:
         if size < 1:
@@ -68,7 +69,7 @@ def recompute_batch_stats(
     batches: Iterable[Any],
     *,
     variance: str = "batch_average",
-    batch_size: Optional[Callable[[Any], int]] = None,
+    batch_size: Callable[[Any], int] | None = None,
 ) -> Any:
     r"""Flax Linen: BatchNorm statistics of (averaged) weights over an iterable of batches.
 
@@ -169,7 +170,7 @@ def recompute_batch_stats(
         pairs = _mean_var_pairs([p for p, _ in flat], module_path)
         acc.add([flat[i][1] for i, _ in pairs], [flat[j][1] for _, j in pairs], size_of(batch))
     means, variances = acc.result()
-    leaves = [None] * len(flat)
+    leaves: list[Any] = [None] * len(flat)
     for (i, j), m, v in zip(pairs, means, variances):
         leaves[i], leaves[j] = m, v
     leaves = [x.astype(t.dtype) for x, t in zip(leaves, template_leaves)]
@@ -183,9 +184,7 @@ def _mean_var_pairs(paths: list, module_path: Callable) -> list[tuple[int, int]]
         index.setdefault(module_path(path), {})[str(getattr(path[-1], "key", path[-1]))] = i
     for module, entries in index.items():
         if set(entries) != {"mean", "var"}:
-            raise ValueError(
-                f"batch_stats of {module} has entries {sorted(entries)}: expected exactly mean and var."
-            )
+            raise ValueError(f"batch_stats of {module} has entries {sorted(entries)}: expected exactly mean and var.")
     return [(e["mean"], e["var"]) for e in index.values()]
 
 
@@ -197,10 +196,10 @@ def _chain(first, rest):
 def recompute_batch_stats_nnx(
     model: Any,
     batches: Iterable[Any],
-    forward: Optional[Callable[[Any, Any], Any]] = None,
+    forward: Callable[[Any, Any], Any] | None = None,
     *,
     variance: str = "batch_average",
-    batch_size: Optional[Callable[[Any], int]] = None,
+    batch_size: Callable[[Any], int] | None = None,
 ) -> Any:
     r"""Flax NNX: recompute every ``nnx.BatchNorm``'s ``mean`` / ``var`` in place over batches.
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -10,19 +10,17 @@ import optax
 
 from sam_optax import _utils
 
-NO_PARAMS = (
-    "{name} needs the current weights: call tx.update(grads, opt_state, params, **extra_args)."
-)
+NO_PARAMS = "{name} needs the current weights: call tx.update(grads, opt_state, params, **extra_args)."
 
 
-def check_int(name: str, value: Any, *, low: int, high: Optional[int] = _utils.INT32_MAX) -> None:
+def check_int(name: str, value: Any, *, low: int, high: int | None = _utils.INT32_MAX) -> None:
     """``ValueError`` unless ``value`` is an integer in ``[low, high]`` (Python / numpy
     integer or 0-d integer array); tracers (``optax.inject_hyperparams`` under
     ``jit``) are checked for shape and dtype only. See :func:`sam_optax._utils.check_int`."""
     _utils.check_int(name, value, low=low, high=high, allow_array=True)
 
 
-def copy_tree(tree: Any, dtype: Optional[Any] = None) -> Any:
+def copy_tree(tree: Any, dtype: Any | None = None) -> Any:
     """A fresh copy of every leaf (never an alias: buffer donation would break)."""
     return jax.tree.map(lambda x: jnp.array(x, dtype=dtype or jnp.asarray(x).dtype, copy=True), tree)
 

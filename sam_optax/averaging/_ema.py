@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +21,7 @@ class WeightEMAState(NamedTuple):
       inner_state: the inner optimizer's state.
     """
 
-    count: jax.Array  # shape=(), dtype=jnp.int32.
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax; shape=(), int32.
     ema: Any
     inner_state: Any
 
@@ -31,7 +31,7 @@ def weight_ema(
     decay: float = 0.999,
     *,
     debias: bool = False,
-    accumulator_dtype: Optional[Any] = None,
+    accumulator_dtype: Any | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Keeps an exponential moving average of the weights along the inner optimizer's trajectory.
 

@@ -4,7 +4,8 @@ weighted by the entropy of each layer's weights."""
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Hashable, NamedTuple, Optional, Union
+from collections.abc import Callable, Hashable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +15,7 @@ import optax
 from sam_optax import _utils
 from sam_optax.averaging import _common
 
-Layers = Optional[Union[Any, Callable[[Any], Any]]]
+Layers = Any | Callable[[Any], Any] | None
 
 
 def weight_entropy(x: jax.Array, num_bins: int = 10, *, exclusive_max: bool = False) -> jax.Array:
@@ -67,7 +68,7 @@ def grafting_coefficient(
     a: float = 0.4,
     c: float = 500.0,
     *,
-    round_decimals: Optional[int] = None,
+    round_decimals: int | None = None,
 ) -> jax.Array:
     r"""The grafting weight of a network's own layer: :math:`\alpha = \frac{A}{\pi}\arctan(c(H_i - H_{i-1})) + \frac12`.
 
@@ -131,7 +132,7 @@ def graft(
     num_bins: int = 10,
     *,
     layers: Layers = None,
-    round_decimals: Optional[int] = None,
+    round_decimals: int | None = None,
     exclusive_max: bool = False,
 ) -> Any:
     r"""One ring grafting of K networks stacked on the leading axis.
@@ -184,8 +185,7 @@ def graft(
     groups: dict = {}
     for i, lab in enumerate(labels):
         groups.setdefault(lab, []).append(i)
-    out = _graft_groups(leaves, a, c, tuple(tuple(g) for g in groups.values()), num_bins,
-                        round_decimals, exclusive_max)
+    out = _graft_groups(leaves, a, c, tuple(tuple(g) for g in groups.values()), num_bins, round_decimals, exclusive_max)
     return jax.tree.unflatten(treedef, out)
 
 
@@ -234,7 +234,7 @@ class GraftingState(NamedTuple):
       inner_state: the inner optimizer's state, stacked over the K networks.
     """
 
-    count: jax.Array  # shape=(), dtype=jnp.int32.
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax; shape=(), int32.
     inner_state: Any
 
 
@@ -246,7 +246,7 @@ def filter_grafting(
     num_bins: int = 10,
     *,
     layers: Layers = None,
-    round_decimals: Optional[int] = None,
+    round_decimals: int | None = None,
     exclusive_max: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Trains K networks stacked on a leading axis and ring-grafts them every ``every`` steps.
@@ -318,11 +318,12 @@ def filter_grafting(
 
         def grafted():
             new = optax.apply_updates(params, updates)
-            new = graft(new, a, c, num_bins, layers=layers, round_decimals=round_decimals,
-                        exclusive_max=exclusive_max)
+            new = graft(new, a, c, num_bins, layers=layers, round_decimals=round_decimals, exclusive_max=exclusive_max)
             return jax.tree.map(
                 lambda n, p, u: (_utils.to_compute(n) - _utils.to_compute(p)).astype(u.dtype),
-                new, params, updates,
+                new,
+                params,
+                updates,
             )
 
         updates = jax.lax.cond(count % every == 0, grafted, lambda: updates)

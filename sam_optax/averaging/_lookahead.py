@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -26,10 +27,10 @@ class LookaheadState(NamedTuple):
         the selected inner-state leaves; ``None`` otherwise.
     """
 
-    count: jax.Array  # shape=(), dtype=jnp.int32.
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax; shape=(), int32.
     slow: Any
     inner_state: Any
-    cached_momentum: Optional[tuple] = None
+    cached_momentum: tuple | None = None
 
 
 def _is_momentum_leaf(path, leaf, fields) -> bool:
@@ -200,7 +201,9 @@ def lookahead(
                     if momentum == "reset":
                         x = jnp.where(sync, jnp.zeros_like(x), x)
                     else:
-                        pulled = (alpha * _utils.to_compute(x) + (1.0 - alpha) * _utils.to_compute(cached[j])).astype(x.dtype)
+                        pulled = (alpha * _utils.to_compute(x) + (1.0 - alpha) * _utils.to_compute(cached[j])).astype(
+                            x.dtype
+                        )
                         x = jnp.where(sync, pulled, x)
                         new_cached.append(jnp.where(sync, x, cached[j]))
                     j += 1

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +23,7 @@ class SWAState(NamedTuple):
       inner_state: the inner optimizer's state.
     """
 
-    count: jax.Array  # shape=(), dtype=jnp.int32.
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax; shape=(), int32.
     n_averaged: jax.Array  # shape=(), dtype=jnp.int32.
     average: Any
     inner_state: Any
@@ -34,7 +34,7 @@ def swa(
     start_step: int,
     period: int = 1,
     *,
-    accumulator_dtype: Optional[Any] = None,
+    accumulator_dtype: Any | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Stochastic Weight Averaging: a running mean of the weights every ``period`` steps.
 
@@ -215,9 +215,7 @@ def swa_official_schedule(
         epoch = jnp.floor_divide(jnp.asarray(count), steps_per_epoch)
         t = epoch.astype(_utils.hyper_dtype()) / swa_start
         ratio = swa_lr / lr_init
-        factor = jnp.where(
-            t <= 0.5, 1.0, jnp.where(t <= 0.9, 1.0 - (1.0 - ratio) * (t - 0.5) / 0.4, ratio)
-        )
+        factor = jnp.where(t <= 0.5, 1.0, jnp.where(t <= 0.9, 1.0 - (1.0 - ratio) * (t - 0.5) / 0.4, ratio))
         return lr_init * factor
 
     return schedule

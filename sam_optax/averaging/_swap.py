@@ -56,6 +56,4 @@ def average_replicas(stacked: Any, axis: int = 0) -> Any:
       Gupta et al, `Stochastic Weight Averaging in Parallel: Large-Batch Training
       that Generalizes Well <https://arxiv.org/abs/2001.02312>`_, ICLR 2020
     """
-    return jax.tree.map(
-        lambda x: jnp.mean(_utils.to_compute(x), axis=axis).astype(jnp.asarray(x).dtype), stacked
-    )
+    return jax.tree.map(lambda x: jnp.mean(_utils.to_compute(x), axis=axis).astype(jnp.asarray(x).dtype), stacked)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
 
 import jax
 
@@ -27,12 +27,12 @@ class DataAxis:
       selection: the second-pass data selection (e.g. ESAM's SDS), or ``None``.
     """
 
-    m: Optional[int] = None
+    m: int | None = None
     axis_name: tuple[str, ...] = ()
-    mesh: Optional[jax.sharding.Mesh] = None
+    mesh: jax.sharding.Mesh | None = None
     chunk_mode: str = "auto"
-    microbatch_size: Optional[int] = None
-    selection: Optional[DataSelection] = None
+    microbatch_size: int | None = None
+    selection: DataSelection | None = None
 
     @property
     def splits_batch(self) -> bool:
@@ -45,7 +45,7 @@ class DataAxis:
         )
 
 
-def _axis_tuple(axis_name: Union[str, Sequence[str], None]) -> tuple[str, ...]:
+def _axis_tuple(axis_name: str | Sequence[str] | None) -> tuple[str, ...]:
     if axis_name is None:
         return ()
     if isinstance(axis_name, str):
@@ -70,13 +70,13 @@ def _mesh_axes(mesh: jax.sharding.Mesh, axes: tuple[str, ...]) -> tuple[str, ...
 
 
 def shards(
-    m: Optional[int] = None,
+    m: int | None = None,
     *,
-    axis_name: Union[str, Sequence[str], None] = None,
-    mesh: Optional[jax.sharding.Mesh] = None,
+    axis_name: str | Sequence[str] | None = None,
+    mesh: jax.sharding.Mesh | None = None,
     chunk_mode: str = "auto",
-    microbatch_size: Optional[int] = None,
-    selection: Optional[DataSelection] = None,
+    microbatch_size: int | None = None,
+    selection: DataSelection | None = None,
 ) -> DataAxis:
     r"""The data axis of sharpness-aware training: m-sharpness shards and data selection.
 

@@ -27,13 +27,15 @@ gradients, the perturbation and the ascent state computed from them.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental.shard_alike import shard_alike
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from sam_optax.data import _shards
 from sam_optax.data._axis import DataAxis

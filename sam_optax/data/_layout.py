@@ -8,7 +8,8 @@ accumulation agree on every leaf.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -74,7 +75,7 @@ def _local_chunks(body: Callable[[Any], tuple[Any, Any]], batch: Any, n: int, mo
         stacked, new_state = jax.vmap(body, out_axes=(0, None))(chunks)
         return _shards.chunk_mean(stacked), new_state
     if mode == "unroll":
-        outs = [body(jax.tree.map(lambda x: x[i], chunks)) for i in range(n)]
+        outs = [body(jax.tree.map(lambda x, i=i: x[i], chunks)) for i in range(n)]
         return _shards.list_mean([o[0] for o in outs]), outs[0][1]
     return scan_mean(body, chunks, state, like)
 

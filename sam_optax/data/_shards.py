@@ -20,11 +20,13 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
 
 def batch_size(batch: Any) -> int:
     """Leading dimension shared by every leaf of ``batch``; ValueError otherwise."""
@@ -33,9 +35,7 @@ def batch_size(batch: Any) -> int:
         raise ValueError("batch has no array leaves: nothing to split into shards.")
     if -1 in sizes or len(sizes) != 1:
         shapes = [np.shape(x) for x in jax.tree.leaves(batch)]
-        raise ValueError(
-            f"every leaf of batch must have the same leading (batch) dimension; got shapes {shapes}."
-        )
+        raise ValueError(f"every leaf of batch must have the same leading (batch) dimension; got shapes {shapes}.")
     return sizes.pop()
 
 
@@ -48,7 +48,7 @@ def _explicit_leading_axes(batch: Any) -> tuple[tuple[str, ...], int]:
     found = {}
     for x in jax.tree.leaves(batch):
         sharding = jax.typeof(x).sharding
-        spec = sharding.spec if isinstance(sharding, jax.sharding.NamedSharding) else ()
+        spec: Any = sharding.spec if isinstance(sharding, jax.sharding.NamedSharding) else ()
         first = spec[0] if len(spec) else None
         names = () if first is None else (tuple(first) if isinstance(first, tuple) else (first,))
         types = dict(zip(sharding.mesh.axis_names, sharding.mesh.axis_types)) if names else {}

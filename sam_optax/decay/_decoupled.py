@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional, Union
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -10,12 +11,9 @@ import optax
 
 from sam_optax import _utils
 
-MaskOrFn = Optional[Union[Any, Callable[[Any], Any]]]
+MaskOrFn = Any | Callable[[Any], Any] | None
 
-_NO_PARAMS = (
-    "decoupled weight decay needs the current weights: call "
-    "tx.update(grads, opt_state, params)."
-)
+_NO_PARAMS = "decoupled weight decay needs the current weights: call tx.update(grads, opt_state, params)."
 
 
 class DecoupledWeightDecayState(NamedTuple):
@@ -26,7 +24,7 @@ class DecoupledWeightDecayState(NamedTuple):
         weight decay are evaluated at it (like optax's learning-rate schedules).
     """
 
-    count: jax.Array  # shape=(), dtype=jnp.int32.
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax; shape=(), int32.
 
 
 def weight_decay_mask(params: Any, min_ndim: int = 2) -> Any:
@@ -137,7 +135,7 @@ def sgdw(
     weight_decay: _utils.ScalarOrSchedule,
     schedule_multiplier: _utils.ScalarOrSchedule = 1.0,
     mask: MaskOrFn = None,
-    accumulator_dtype: Optional[Any] = None,
+    accumulator_dtype: Any | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""SGD with momentum and decoupled weight decay (SGDW), Algorithm 1 of the paper.
 
@@ -197,7 +195,7 @@ def adamw(
     weight_decay: _utils.ScalarOrSchedule,
     schedule_multiplier: _utils.ScalarOrSchedule = 1.0,
     eps_root: float = 0.0,
-    mu_dtype: Optional[Any] = None,
+    mu_dtype: Any | None = None,
     mask: MaskOrFn = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Adam with decoupled weight decay (AdamW), Algorithm 2 of the paper.

@@ -24,7 +24,8 @@ import stat
 import sys
 import tempfile
 import time
-from typing import IO, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import IO
 
 LOCK_NAME = ".sam-optax.lock"
 
@@ -110,8 +111,10 @@ def _holder(fd: int) -> str:
         info = {}
     if not info:
         return "another run (starting)"
-    return (f"another run (pid {info.get('pid')} on {info.get('host')}, `{info.get('command')}`, "
-            f"started {info.get('started')})")
+    return (
+        f"another run (pid {info.get('pid')} on {info.get('host')}, `{info.get('command')}`, "
+        f"started {info.get('started')})"
+    )
 
 
 def _acquire(path: str) -> int:
@@ -127,8 +130,10 @@ def _acquire(path: str) -> int:
         except OSError:
             who = _holder(fd)
             os.close(fd)
-            raise FolderInUse(f"the folder {os.path.dirname(path)!r} is in use by {who}; wait for it to "
-                              f"finish or choose another --out") from None
+            raise FolderInUse(
+                f"the folder {os.path.dirname(path)!r} is in use by {who}; wait for it to "
+                f"finish or choose another --out"
+            ) from None
         try:
             same = os.stat(path).st_ino == os.fstat(fd).st_ino
         except FileNotFoundError:
@@ -148,9 +153,13 @@ def lock_folder(folder: str, command: str = "") -> Iterator[str]:
     path = os.path.join(folder, LOCK_NAME)
     fd = _acquire(path)
     try:
-        info = {"pid": os.getpid(), "host": socket.gethostname(), "user": _user(),
-                "command": command or " ".join(["sam-optax", *sys.argv[1:]]),
-                "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        info = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "user": _user(),
+            "command": command or " ".join(["sam-optax", *sys.argv[1:]]),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(info).encode(), 0)
         yield path

@@ -24,8 +24,12 @@ def _mnist1d(seed: int, num_samples: int):
     args.num_samples = num_samples
     args.seed = seed
     data = make_dataset(args)  # the generator: deterministic from the seed, no download
-    return (data["x"].astype(np.float32), data["y"].astype(np.int32),
-            data["x_test"].astype(np.float32), data["y_test"].astype(np.int32))
+    return (
+        data["x"].astype(np.float32),
+        data["y"].astype(np.int32),
+        data["x_test"].astype(np.float32),
+        data["y_test"].astype(np.int32),
+    )
 
 
 def _digits(seed: int):

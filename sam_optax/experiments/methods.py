@@ -57,7 +57,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, NamedTuple, Optional
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -65,7 +66,7 @@ import optax
 
 import sam_optax
 from sam_optax import averaging, decay, geometry, one_pass, rules
-from sam_optax.data import sharpness_sensitive, shards
+from sam_optax.data import shards, sharpness_sensitive
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,9 +95,9 @@ class Hyper:
     lookahead_alpha: float = 0.8
     adamw_lr: float = 1e-3
     adamw_wd: float = 0.025  # normalized weight decay (App. B.1)
-    m: Optional[int] = None  # m-sharpness shard size for the sharpness methods
+    m: int | None = None  # m-sharpness shard size for the sharpness methods
     periodic_every: int = 10  # Composer's interval
-    periodic_rho: Optional[float] = None  # None: periodic_every * rho (Composer: rho proportional to the interval)
+    periodic_rho: float | None = None  # None: periodic_every * rho (Composer: rho proportional to the interval)
     rst_p: float = 0.5  # RST's SAM probability (constant)
     ae_delta: float = 0.2  # AE-SAM: a third-party port's values, not the authors'
     ae_c_start: float = 0.4
@@ -171,14 +172,14 @@ class Recipe(NamedTuple):
     """
 
     tx: optax.GradientTransformation
-    geometry: Optional[Any]
+    geometry: Any | None
     sa_kwargs: dict
     per_example: bool
     eval_params: Callable[[Any, Any], Any]
-    make_step: Optional[Callable[[StepContext], tuple]] = None
+    make_step: Callable[[StepContext], tuple] | None = None
     needs_index: bool = False
     needs_key: bool = False
-    host_schedule: Optional[Callable[[Any], Any]] = None
+    host_schedule: Callable[[Any], Any] | None = None
 
 
 def _last(params, opt_state):
@@ -215,8 +216,12 @@ def _mrwp_builder(tx, lam, sigma):
 
         def split_step(params, state, batch):
             half = batch["y"].shape[0] // 2
-            return step(params, state, jax.tree.map(lambda a: a[:half], batch),
-                        jax.tree.map(lambda a: a[half:2 * half], batch))
+            return step(
+                params,
+                state,
+                jax.tree.map(lambda a: a[:half], batch),
+                jax.tree.map(lambda a: a[half : 2 * half], batch),
+            )
 
         return init, split_step, lambda state: state.opt_state
 
@@ -238,23 +243,48 @@ def _efficient(name, hp, base, sa, steps_per_epoch, total) -> Recipe:
     """Late-phase SAM, AE-LookSAM, SAF, MESA and m-RWP (see the module docstring)."""
     if name == "late_sam":
         start = int(round(hp.late_start * total))
-        return Recipe(sam_optax.late_phase(sam_optax.sam(base), start), geometry.l2(hp.rho), sa, False, _last,
-                      host_schedule=functools.partial(rules.late_phase_schedule, start))
+        return Recipe(
+            sam_optax.late_phase(sam_optax.sam(base), start),
+            geometry.l2(hp.rho),
+            sa,
+            False,
+            _last,
+            host_schedule=functools.partial(rules.late_phase_schedule, start),
+        )
     if name == "ae_looksam":
-        tx = sam_optax.adaptive_looksam(base, hp.ae_delta, hp.ae_c_start, hp.ae_c_end, total, mu_init=hp.ae_mu_init,
-                                        var_init=hp.ae_var_init, alpha=hp.looksam_alpha)
+        tx = sam_optax.adaptive_looksam(
+            base,
+            hp.ae_delta,
+            hp.ae_c_start,
+            hp.ae_c_end,
+            total,
+            mu_init=hp.ae_mu_init,
+            var_init=hp.ae_var_init,
+            alpha=hp.looksam_alpha,
+        )
         return Recipe(tx, geometry.l2(hp.rho), sa, False, _last)
     if name == "mrwp":
-        return Recipe(base, None, {}, False, _last, make_step=_mrwp_builder(base, hp.mrwp_lam, hp.mrwp_sigma),
-                      needs_key=True)
+        return Recipe(
+            base, None, {}, False, _last, make_step=_mrwp_builder(base, hp.mrwp_lam, hp.mrwp_sigma), needs_key=True
+        )
     if name == "saf":
         reg = lambda ctx: sam_optax.trajectory.saf(  # noqa: E731
-            ctx.num_examples, ctx.num_classes, steps_per_epoch=steps_per_epoch, weight=hp.saf_weight,
-            temperature=hp.saf_temperature, delay_epochs=hp.saf_delay, start_epoch=hp.saf_start)
+            ctx.num_examples,
+            ctx.num_classes,
+            steps_per_epoch=steps_per_epoch,
+            weight=hp.saf_weight,
+            temperature=hp.saf_temperature,
+            delay_epochs=hp.saf_delay,
+            start_epoch=hp.saf_start,
+        )
     else:
         reg = lambda ctx: sam_optax.trajectory.mesa(  # noqa: E731
-            steps_per_epoch=steps_per_epoch, weight=hp.mesa_weight, temperature=hp.saf_temperature,
-            decay=hp.mesa_decay, start_epoch=hp.saf_start)
+            steps_per_epoch=steps_per_epoch,
+            weight=hp.mesa_weight,
+            temperature=hp.saf_temperature,
+            decay=hp.mesa_decay,
+            start_epoch=hp.saf_start,
+        )
     return Recipe(base, None, {}, False, _last, make_step=_trajectory_builder(reg, base), needs_index=name == "saf")
 
 
@@ -289,12 +319,23 @@ def build_method(name: str, hp: Hyper, *, steps_per_epoch: int, epochs: int, see
         # as the official code, whose settings gave the paper's results: a mask per tensor,
         # the masked gradient normalized (benchmarks/claims.py's ESAM runs used this)
         geo = geometry.stochastic(geometry.l2(hp.rho), hp.esam_beta, granularity="tensor", normalize="masked")
-        return Recipe(sam_optax.sam(base()), geo, {"data": shards(hp.m, selection=sharpness_sensitive(hp.esam_gamma))},
-                      True, _last)
+        return Recipe(
+            sam_optax.sam(base()),
+            geo,
+            {"data": shards(hp.m, selection=sharpness_sensitive(hp.esam_gamma))},
+            True,
+            _last,
+        )
     if name == "looksam":
         tx = sam_optax.looksam(base(), k=hp.looksam_k, alpha=hp.looksam_alpha)
-        return Recipe(tx, geometry.l2(hp.rho), sa, False, _last,
-                      host_schedule=functools.partial(sam_optax.looksam_schedule, hp.looksam_k))
+        return Recipe(
+            tx,
+            geometry.l2(hp.rho),
+            sa,
+            False,
+            _last,
+            host_schedule=functools.partial(sam_optax.looksam_schedule, hp.looksam_k),
+        )
     if name in ("periodic", "rst", "ae_sam"):
         return _scheduled(name, hp, sam_optax.sam(base()), sa, total, seed)
     if name in ("late_sam", "ae_looksam", "mrwp", "saf", "mesa"):
@@ -305,8 +346,9 @@ def build_method(name: str, hp: Hyper, *, steps_per_epoch: int, epochs: int, see
     if name == "rwp":
         tx = base()
         sigma = one_pass.rwp_sigma_schedule(hp.rwp_sigma, hp.rwp_inc, total)
-        return Recipe(tx, None, {}, False, _last, make_step=_rwp_builder(tx, sigma, hp.rwp_eta, hp.rwp_beta),
-                      needs_key=True)
+        return Recipe(
+            tx, None, {}, False, _last, make_step=_rwp_builder(tx, sigma, hp.rwp_eta, hp.rwp_beta), needs_key=True
+        )
     if name == "swa":
         start_epoch = max(1, int(round(hp.swa_start * epochs)))
         schedule = averaging.swa_official_schedule(hp.lr, hp.swa_lr * hp.lr, start_epoch, steps_per_epoch)
@@ -315,8 +357,9 @@ def build_method(name: str, hp: Hyper, *, steps_per_epoch: int, epochs: int, see
     if name == "sam_swa":
         start_epoch = max(1, int(round(hp.swa_start * epochs)))
         schedule = averaging.swa_official_schedule(hp.lr, hp.swa_lr * hp.lr, start_epoch, steps_per_epoch)
-        tx = averaging.swa(sam_optax.sam(base(schedule)), start_step=start_epoch * steps_per_epoch,
-                           period=steps_per_epoch)
+        tx = averaging.swa(
+            sam_optax.sam(base(schedule)), start_step=start_epoch * steps_per_epoch, period=steps_per_epoch
+        )
         return Recipe(tx, geometry.l2(hp.rho), sa, False, _swa_eval)
     if name == "ema":
         tx = averaging.weight_ema(base(), hp.ema_decay, debias=True)
@@ -342,15 +385,47 @@ def _scheduled(name, hp, rule, sa, total, seed) -> Recipe:
     skips the second pass on their base steps)."""
     if name == "periodic":
         rho = hp.periodic_every * hp.rho if hp.periodic_rho is None else hp.periodic_rho
-        return Recipe(sam_optax.periodic(rule, hp.periodic_every), geometry.l2(rho), sa, False, _last,
-                      host_schedule=functools.partial(rules.periodic_schedule, hp.periodic_every))
+        return Recipe(
+            sam_optax.periodic(rule, hp.periodic_every),
+            geometry.l2(rho),
+            sa,
+            False,
+            _last,
+            host_schedule=functools.partial(rules.periodic_schedule, hp.periodic_every),
+        )
     if name == "rst":
         return Recipe(sam_optax.randomized(rule, hp.rst_p, seed=seed), geometry.l2(hp.rho), sa, False, _last)
-    tx = sam_optax.adaptive_policy(rule, hp.ae_delta, hp.ae_c_start, hp.ae_c_end, total,
-                                   mu_init=hp.ae_mu_init, var_init=hp.ae_var_init)
+    tx = sam_optax.adaptive_policy(
+        rule, hp.ae_delta, hp.ae_c_start, hp.ae_c_end, total, mu_init=hp.ae_mu_init, var_init=hp.ae_var_init
+    )
     return Recipe(tx, geometry.l2(hp.rho), sa, False, _last)
 
 
-METHODS = ("sgd", "sam", "wsam", "wsam_coupled", "gsam", "asam", "fisher", "esam", "looksam", "periodic", "rst",
-           "ae_sam", "late_sam", "ae_looksam", "msam", "rwp", "mrwp", "saf", "mesa", "swa", "sam_swa", "ema", "lookahead", "adamw", "adam_l2")
+METHODS = (
+    "sgd",
+    "sam",
+    "wsam",
+    "wsam_coupled",
+    "gsam",
+    "asam",
+    "fisher",
+    "esam",
+    "looksam",
+    "periodic",
+    "rst",
+    "ae_sam",
+    "late_sam",
+    "ae_looksam",
+    "msam",
+    "rwp",
+    "mrwp",
+    "saf",
+    "mesa",
+    "swa",
+    "sam_swa",
+    "ema",
+    "lookahead",
+    "adamw",
+    "adam_l2",
+)
 DEFAULT_METHODS = ("sgd", "sam", "wsam", "esam", "gsam", "asam", "swa")

@@ -29,15 +29,15 @@ FLAT_MIN = (19.8101, 29.9366)
 
 
 def _kl(mu, sigma, m2, s2):
-    return jnp.log(s2 / sigma) + (sigma ** 2 + (mu - m2) ** 2) / (2 * s2 ** 2) - 0.5
+    return jnp.log(s2 / sigma) + (sigma**2 + (mu - m2) ** 2) / (2 * s2**2) - 0.5
 
 
 def toy_loss(w, batch=None):
     """The WSAM toy loss of ``w = [mu, sigma]`` (``batch`` is ignored)."""
     del batch
     mu, sigma = w[0], w[1]
-    a = 0.7 * jnp.exp(-_kl(mu, sigma, 20.0, 30.0) / 1.8 ** 2)
-    b = 0.3 * jnp.exp(-_kl(mu, sigma, -20.0, 10.0) / 1.2 ** 2)
+    a = 0.7 * jnp.exp(-_kl(mu, sigma, 20.0, 30.0) / 1.8**2)
+    b = 0.3 * jnp.exp(-_kl(mu, sigma, -20.0, 10.0) / 1.2**2)
     return -jnp.log(a + b)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -27,14 +27,14 @@ class RunResult:
     seed: int
     test_accuracy: float
     train_loss: float
-    lambda_max: Optional[float]
-    steps_per_second: Optional[float]  # None when the run has a single step (compilation, not timed)
+    lambda_max: float | None
+    steps_per_second: float | None  # None when the run has a single step (compilation, not timed)
     seconds: float
     curve: list  # [(epoch, test accuracy)]
-    sharpness: Optional[float] = None  # first-order sharpness L(w + rho g/|g|) - L(w) on the eval subset
-    lambda_max_converged: Optional[bool] = None  # power iteration reached its tolerance
+    sharpness: float | None = None  # first-order sharpness L(w + rho g/|g|) - L(w) on the eval subset
+    lambda_max_converged: bool | None = None  # power iteration reached its tolerance
     # fraction of the steps that ran sharpness_aware_step's second gradient pass (None: no such step)
-    second_pass_fraction: Optional[float] = None
+    second_pass_fraction: float | None = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -47,11 +47,11 @@ def train_method(
     model: str = "mlp",
     epochs: int = 30,
     batch_size: int = 128,
-    hyper: Optional[Hyper] = None,
+    hyper: Hyper | None = None,
     seed: int = 0,
     hessian: bool = True,
     hessian_examples: int = 512,
-    sharpness_rho: Optional[float] = None,
+    sharpness_rho: float | None = None,
     progress: bool = True,
     position: int = 0,
 ) -> RunResult:
@@ -98,13 +98,23 @@ def train_method(
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=epochs * steps_per_epoch, desc=f"{method:<12}", position=position, leave=True,
-                   dynamic_ncols=True)
+        bar = tqdm(
+            total=epochs * steps_per_epoch, desc=f"{method:<12}", position=position, leave=True, dynamic_ncols=True
+        )
     t_start = time.perf_counter()
     try:
         params, state, curve, train_seconds, timed_steps = _train_epochs(
-            step, lambda p, s: float(accuracy(p, s, x_test, y_test)), params, state, x_train, y_train,
-            epochs=epochs, batch_size=batch_size, seed=seed, bar=bar)
+            step,
+            lambda p, s: float(accuracy(p, s, x_test, y_test)),
+            params,
+            state,
+            x_train,
+            y_train,
+            epochs=epochs,
+            batch_size=batch_size,
+            seed=seed,
+            bar=bar,
+        )
     finally:
         if bar is not None:
             bar.close()
@@ -115,19 +125,27 @@ def train_method(
     lam, sharp, converged = None, None, None
     if hessian:
         radius = hp.rho if sharpness_rho is None else sharpness_rho
-        lam, converged, sharp = _curvature(loss_fn, eval_params, jax.tree.map(lambda a: a[:hessian_examples], full),
-                                           radius, seed)
+        lam, converged, sharp = _curvature(
+            loss_fn, eval_params, jax.tree.map(lambda a: a[:hessian_examples], full), radius, seed
+        )
     # one step is all compilation, excluded from the timing: no speed to report (None, not 0.0)
     speed = timed_steps / max(train_seconds, 1e-9) if timed_steps else None
     fraction = None
     if recipe.geometry is not None and recipe.make_step is None:
         fraction = int(state.second_passes) / (epochs * steps_per_epoch)
     return RunResult(
-        method=method, seed=seed, test_accuracy=curve[-1][1], train_loss=train_loss, lambda_max=lam,
-        steps_per_second=speed, seconds=time.perf_counter() - t_start, curve=curve,
-        sharpness=sharp, lambda_max_converged=converged, second_pass_fraction=fraction,
+        method=method,
+        seed=seed,
+        test_accuracy=curve[-1][1],
+        train_loss=train_loss,
+        lambda_max=lam,
+        steps_per_second=speed,
+        seconds=time.perf_counter() - t_start,
+        curve=curve,
+        sharpness=sharp,
+        lambda_max_converged=converged,
+        second_pass_fraction=fraction,
     )
-
 
 
 def model_context(apply, num_examples: int, num_classes: int) -> StepContext:
@@ -143,8 +161,9 @@ def model_context(apply, num_examples: int, num_classes: int) -> StepContext:
     def logits_loss(logits, batch):
         return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]))
 
-    return StepContext(loss_fn, per_example_loss, lambda p, b: apply(p, b["x"]), logits_loss, int(num_examples),
-                       int(num_classes))
+    return StepContext(
+        loss_fn, per_example_loss, lambda p, b: apply(p, b["x"]), logits_loss, int(num_examples), int(num_classes)
+    )
 
 
 def init_key(seed: int) -> jax.Array:
@@ -177,8 +196,10 @@ def _jit_step(step, state, get_opt_state, host_schedule=None):
         return jax.jit(step, donate_argnums=(0, 1))
     if host_schedule is None:
         return functools.partial(step, second_pass="host")  # its programs are jitted inside
-    programs = {flag: jax.jit(lambda p, s, b, flag=flag: step(p, s, b, second_pass=flag), donate_argnums=(0, 1))
-                for flag in (True, False)}
+    programs = {
+        flag: jax.jit(lambda p, s, b, flag=flag: step(p, s, b, second_pass=flag), donate_argnums=(0, 1))
+        for flag in (True, False)
+    }
     schedule = host_schedule(opt_state)  # checked against the state here
 
     def host_step(params, state, batch):
@@ -200,7 +221,7 @@ class CountedState(NamedTuple):
     second_passes: jax.Array
 
 
-def _make_step(recipe, loss_fn, per_example_loss, context: Optional[StepContext] = None):
+def _make_step(recipe, loss_fn, per_example_loss, context: StepContext | None = None):
     """``(init, step, get_opt_state)`` of ``recipe``: plain, sharpness-aware or the
     recipe's own (``Recipe.make_step``, called with ``context``).
 
@@ -236,7 +257,8 @@ def _make_step(recipe, loss_fn, per_example_loss, context: Optional[StepContext]
         own_init, sa_step = sam_optax.sharpness_aware_step(sa_loss, recipe.tx, recipe.geometry, **recipe.sa_kwargs)
         _, host_step = sam_optax.host_chosen_step(sa_loss, recipe.tx, recipe.geometry, **recipe.sa_kwargs)
 
-        def inner_step(params, state, batch, second_pass="auto"):
+        # (mypy) the plain and own steps take no second_pass
+        def inner_step(params, state, batch, second_pass="auto"):  # type: ignore[misc]
             if isinstance(second_pass, str) and second_pass == "host":  # a Python driver of jitted programs
                 params, state, out = host_step(params, state, batch)
                 return params, state, out.loss, host_step.last_second_pass
@@ -302,8 +324,9 @@ def _train_epochs(step, accuracy, params, state, x_train, y_train, *, epochs, ba
 
 def _curvature(loss_fn, params, batch, radius, seed):
     """``(lambda_max, converged, sharpness)`` on ``batch`` (power iteration; first-order sharpness)."""
-    res = sam_optax.metrics.power_iteration(loss_fn, params, batch, key=jax.random.PRNGKey(seed),
-                                            tol=1e-3, max_iterations=50)
+    res = sam_optax.metrics.power_iteration(
+        loss_fn, params, batch, key=jax.random.PRNGKey(seed), tol=1e-3, max_iterations=50
+    )
     lam, converged = float(res.eigenvalue), bool(res.converged)
     _interrupt.check()
     out = sam_optax.sharpness_aware_grad(loss_fn, sam_optax.geometry.l2(radius))(params, batch)

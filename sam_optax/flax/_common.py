@@ -3,7 +3,8 @@ two-pass functions."""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -66,7 +67,8 @@ def placing(jitted: Callable[..., Any], mesh: Any, params_of: Callable[[Any], An
     for name in ("lower", "trace", "eval_shape", "_cache_size", "clear_cache"):
         if hasattr(jitted, name):
             setattr(run, name, getattr(jitted, name))
-    run.__doc__, run.__wrapped__ = jitted.__doc__, jitted
+    # (mypy) an attribute set on a function
+    run.__doc__, run.__wrapped__ = jitted.__doc__, jitted  # type: ignore[attr-defined]
     return run
 
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -41,10 +42,11 @@ class TrainState(train_state.TrainState):
 
     batch_stats: Any = None
     ascent_state: Any = None
-    geometry: Optional[AscentGeometry] = struct.field(pytree_node=False, default=None)
+    geometry: AscentGeometry | None = struct.field(pytree_node=False, default=None)
 
     @classmethod
-    def create(cls, *, apply_fn, params, tx, geometry: AscentGeometry, batch_stats=None, **kwargs):
+    # (mypy) geometry is required, unlike TrainState.create
+    def create(cls, *, apply_fn, params, tx, geometry: AscentGeometry, batch_stats=None, **kwargs):  # type: ignore[override]
         """A new state at step 0 with ``tx.init(params)`` and ``geometry.init(params)``.
 
         Args:
@@ -88,8 +90,12 @@ class TrainState(train_state.TrainState):
           The state with ``step + 1`` and the new ``params`` and ``opt_state``.
         """
         updates, opt_state = self.tx.update(
-            grads, self.opt_state, self.params, perturbed_grads=perturbed_grads,
-            clean_grads=grads if clean_grads is None else clean_grads, **(tx_extra_args or {})
+            grads,
+            self.opt_state,
+            self.params,
+            perturbed_grads=perturbed_grads,
+            clean_grads=grads if clean_grads is None else clean_grads,
+            **(tx_extra_args or {}),
         )
         return self.replace(
             step=self.step + 1, params=optax.apply_updates(self.params, updates), opt_state=opt_state, **kwargs
@@ -199,21 +205,30 @@ def linen_train_step(
 
     get_sa_grad = _common.cached(build)
 
-    def step(state: TrainState, batch: Any, rng: Optional[jax.Array] = None, second_pass: Any = "auto"):
+    def step(state: TrainState, batch: Any, rng: jax.Array | None = None, second_pass: Any = "auto"):
         if state.geometry is None:
             raise ValueError("state.geometry is None: make the state with TrainState.create(..., geometry=...).")
         sa_grad = get_sa_grad(state.apply_fn, state.geometry)
         index = _common.example_index(batch, sa_kwargs.get("data"))
         second_pass = resolve_second_pass(second_pass, state.opt_state)
-        out = sa_grad(state.params, (batch, index), state.batch_stats, rng, ascent_state=state.ascent_state,
-                      second_pass=second_pass)
+        out = sa_grad(
+            state.params,
+            (batch, index),
+            state.batch_stats,
+            rng,
+            ascent_state=state.ascent_state,
+            second_pass=second_pass,
+        )
         new_stats, metrics = out.aux
         state = state.apply_gradients(
-            grads=out.grads, perturbed_grads=out.grads if second_pass is False else out.perturbed_grads,
-            batch_stats=new_stats, ascent_state=out.ascent_state,
+            grads=out.grads,
+            perturbed_grads=out.grads if second_pass is False else out.perturbed_grads,
+            batch_stats=new_stats,
+            ascent_state=out.ascent_state,
         )
-        metrics = dict(metrics, loss=out.loss, perturbed_loss=out.perturbed_loss,
-                       sharpness=out.perturbed_loss - out.loss)
+        metrics = dict(
+            metrics, loss=out.loss, perturbed_loss=out.perturbed_loss, sharpness=out.perturbed_loss - out.loss
+        )
         return state, metrics
 
     if jit:

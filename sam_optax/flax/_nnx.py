@@ -3,7 +3,8 @@ ascent state, and a train step."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import jax
 from flax import nnx
@@ -18,7 +19,7 @@ from sam_optax.two_pass import SharpnessAwareGrads, sharpness_aware_grad
 
 def nnx_sharpness_aware_grad(
     loss_fn: Callable[..., Any],
-    geometry: Optional[AscentGeometry] = None,
+    geometry: AscentGeometry | None = None,
     *,
     wrt: Any = nnx.Param,
     has_aux: bool = False,
@@ -82,8 +83,9 @@ def nnx_sharpness_aware_grad(
     def f(model, batch, *args, ascent_state=None, second_pass=True):
         graphdef, params, keys, rest = nnx.split(model, wrt, nnx.RngKey, ...)
         index = _common.example_index(batch, sa_kwargs.get("data"))
-        return get_sa_grad(graphdef)(params, (batch, index), keys, rest, *args, ascent_state=ascent_state,
-                                     second_pass=second_pass)
+        return get_sa_grad(graphdef)(
+            params, (batch, index), keys, rest, *args, ascent_state=ascent_state, second_pass=second_pass
+        )
 
     return f
 
@@ -103,10 +105,10 @@ class SharpnessAwareOptimizer(nnx.Optimizer):
 
     def __init__(self, model, tx, geometry: AscentGeometry, *, wrt: Any = nnx.Param):
         """Args:
-          model: the ``nnx.Module``.
-          tx: the rule (e.g. ``sam_optax.sam(optax.sgd(0.1))``).
-          geometry: the ascent geometry (e.g. ``sam_optax.geometry.l2(0.05)``).
-          wrt: filter of the trained variables.
+        model: the ``nnx.Module``.
+        tx: the rule (e.g. ``sam_optax.sam(optax.sgd(0.1))``).
+        geometry: the ascent geometry (e.g. ``sam_optax.geometry.l2(0.05)``).
+        wrt: filter of the trained variables.
         """
         if geometry is None or not callable(getattr(geometry, "init", None)):
             raise ValueError(f"geometry must be an AscentGeometry (init/update), got {geometry!r}.")
@@ -197,8 +199,9 @@ def nnx_train_step(
         nnx.update(model, new_state)
         perturbed = out.grads if second_pass is False else out.perturbed_grads
         optimizer.update(model, out.grads, perturbed_grads=perturbed, ascent_state=out.ascent_state)
-        metrics = dict(metrics or {}, loss=out.loss, perturbed_loss=out.perturbed_loss,
-                       sharpness=out.perturbed_loss - out.loss)
+        metrics = dict(
+            metrics or {}, loss=out.loss, perturbed_loss=out.perturbed_loss, sharpness=out.perturbed_loss - out.loss
+        )
         return metrics
 
     if not jit:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Union
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +12,7 @@ from sam_optax import _utils
 from sam_optax.geometry._base import AscentGeometry, make_geometry, require_params
 from sam_optax.geometry._pnorm import _pnorm, check_p, dual_direction
 
-MaskOrFn = Union[Any, Callable[[Any], Any]]
+MaskOrFn = Any | Callable[[Any], Any]
 
 
 def adaptive(
@@ -19,7 +20,7 @@ def adaptive(
     eta: float = 0.01,
     *,
     p: float = 2,
-    mask: Optional[MaskOrFn] = None,
+    mask: MaskOrFn | None = None,
     eps: float = 1e-12,
 ) -> AscentGeometry:
     r"""The adaptive (ASAM) geometry, :math:`T_w = \mathrm{diag}(|w| + \eta)`.

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -10,8 +11,9 @@ import optax
 
 from sam_optax import _utils
 
-PerturbFn = Callable[[Any, Any, jax.Array], Any]
-NormFn = Callable[[Any, Any, Any], jax.Array]
+# perturb(grads, params, rho) -> perturbation; norm(perturbation, grads, params) -> scalar.
+PerturbFn = Callable[[optax.Updates, optax.Params | None, jax.Array], optax.Updates]
+NormFn = Callable[[optax.Updates, optax.Updates, optax.Params | None], jax.Array]
 
 
 class AscentGeometry(NamedTuple):
@@ -33,9 +35,9 @@ class AscentGeometry(NamedTuple):
     ascent is not available for it).
     """
 
-    init: Callable[[Any], Any]
-    update: Callable[..., tuple[Any, Any]]
-    norm: Optional[NormFn] = None
+    init: Callable[[optax.Params], optax.OptState]
+    update: Callable[..., tuple[optax.Updates, optax.OptState]]
+    norm: NormFn | None = None
 
 
 class ScheduleState(NamedTuple):
@@ -45,7 +47,7 @@ class ScheduleState(NamedTuple):
       count: number of perturbations made so far; ``rho`` is evaluated at it.
     """
 
-    count: jax.Array  # shape=(), dtype=jnp.int32.
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax; shape=(), int32.
 
 
 def make_geometry(perturb: PerturbFn, norm: NormFn, rho: _utils.ScalarOrSchedule) -> AscentGeometry:

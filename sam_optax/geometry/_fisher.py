@@ -49,9 +49,7 @@ def fisher(rho: _utils.ScalarOrSchedule = 0.1, eta: float = 1.0, *, eps: float =
         del params
         s = eta**0.5  # a Python float stays exact (eta = 1e-60 would round to 0 in float32)
         a = jax.tree.map(lambda x: _whiten(x, s), g)
-        return jax.tree.map(
-            lambda x, ai: rho_t * ai / jnp.hypot(1.0, s * x), g, _utils.tree_direction(a, eps)
-        )
+        return jax.tree.map(lambda x, ai: rho_t * ai / jnp.hypot(1.0, s * x), g, _utils.tree_direction(a, eps))
 
     def norm(e, g, params):
         del params

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Hashable, Mapping, Union
+from collections.abc import Callable, Hashable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +12,7 @@ import optax
 from sam_optax import _utils
 from sam_optax.geometry._base import AscentGeometry, ScheduleState
 
-LabelsOrFn = Union[Any, Callable[[Any], Any]]
+LabelsOrFn = Any | Callable[[Any], Any]
 
 
 def _leaf_radii(labels: Any, tree: Any, radii: Mapping[Hashable, Any]) -> Any:

@@ -68,7 +68,7 @@ def _pnorm(tree: Any, p: Any) -> jax.Array:
     return d * big * total ** (1.0 / p)
 
 
-def dual_direction(g: Any, p: float, eps: float) -> Any:
+def dual_direction(g: Any, p: float | jax.Array, eps: float | jax.Array) -> Any:
     r"""Maximizer of :math:`\langle g, \delta\rangle` over the unit p-norm ball.
 
     :math:`\delta = \mathrm{sign}(g)\,(|g| / (\lVert g\rVert_q + \varepsilon))^{q-1}`
@@ -99,7 +99,7 @@ def dual_direction(g: Any, p: float, eps: float) -> Any:
     return jax.tree.map(lambda x: jnp.sign(x) * (jnp.abs(x) / denom) ** (q - 1.0), g)
 
 
-def _traced_dual_direction(g: Any, p: jax.Array, eps: float) -> Any:
+def _traced_dual_direction(g: Any, p: jax.Array, eps: float | jax.Array) -> Any:
     """:func:`dual_direction` for a traced ``p``: the general formula with
     ``q = 1`` at ``p = inf`` (then ``|x| ** 0 = 1`` gives ``sign(g)``), and the
     ``p = 1`` branch selected with ``where``."""

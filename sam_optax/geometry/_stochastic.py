@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import weakref
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -54,10 +54,10 @@ class SWPConfig(NamedTuple):
     normalize: str
 
 
-_CONFIGS: "weakref.WeakKeyDictionary[Any, SWPConfig]" = weakref.WeakKeyDictionary()
+_CONFIGS: weakref.WeakKeyDictionary[Any, SWPConfig] = weakref.WeakKeyDictionary()
 
 
-def swp_config(geometry: Any) -> Optional[SWPConfig]:
+def swp_config(geometry: Any) -> SWPConfig | None:
     """The :class:`SWPConfig` of a geometry made by :func:`stochastic`, else ``None``."""
     try:
         return _CONFIGS.get(geometry.update)

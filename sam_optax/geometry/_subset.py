@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Union
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +13,7 @@ import optax
 from sam_optax import _utils
 from sam_optax.geometry._base import AscentGeometry
 
-MaskOrFn = Union[Any, Callable[[Any], Any]]
+MaskOrFn = Any | Callable[[Any], Any]
 
 
 def _static_bool(m: Any) -> bool:
@@ -133,7 +134,7 @@ def _is_norm_param(path: tuple) -> bool:
     return "norm" in owner or _NORM_TOKEN.search(owner) is not None
 
 
-def norm_layer_mask(params: Any) -> Any:
+def norm_layer_mask(params: optax.Params) -> Any:
     """Marks the normalization-layer parameters (``scale`` and ``bias``) by name.
 
     A leaf is selected when its name is ``scale`` or ``bias`` and the module

@@ -10,7 +10,8 @@ may be any pytree; the iterations run on its flattened (at least float32) copy.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Iterable, NamedTuple, Optional, Sequence, Union
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +21,7 @@ from jax.flatten_util import ravel_pytree
 from sam_optax import _utils
 from sam_optax.data import _shards
 
-AxisName = Union[str, Sequence[str], None]
+AxisName = str | Sequence[str] | None
 
 # Lanczos declares an invariant subspace found (and restarts from a vector
 # orthogonal to the basis) when the new residual is below this fraction
@@ -60,7 +61,8 @@ def stack_batches(batches: Iterable[Any]) -> Batches:
     first = jax.tree.structure(batches[0])
     shapes = [np.shape(x) for x in jax.tree.leaves(batches[0])]
     for i, b in enumerate(batches[1:], 1):
-        if jax.tree.structure(b) != first or [np.shape(x) for x in jax.tree.leaves(b)] != shapes:
+        # (mypy) jaxlib ships no stubs: PyTreeDef is unresolved
+        if jax.tree.structure(b) != first or [np.shape(x) for x in jax.tree.leaves(b)] != shapes:  # type: ignore[operator]
             raise ValueError(
                 f"batches must all have the structure and leaf shapes of the first one {shapes}; "
                 f"batch {i} has {[np.shape(x) for x in jax.tree.leaves(b)]} (drop a smaller last batch)."
@@ -218,8 +220,7 @@ def _start_vector(key, flat, init_vector):
         v, _ = ravel_pytree(_utils.to_compute(init_vector))
         if v.shape != flat.shape:
             raise ValueError(
-                f"init_vector must have the structure and sizes of params ({flat.size} entries), "
-                f"got {v.size} entries."
+                f"init_vector must have the structure and sizes of params ({flat.size} entries), got {v.size} entries."
             )
         return _unit(v.astype(flat.dtype))
     return _unit(jax.random.normal(key, flat.shape, flat.dtype))
@@ -386,8 +387,15 @@ def power_iteration(
     else:
         key = jax.random.PRNGKey(0) if key is None else key
     return _power_jit(
-        loss_fn, params, batch, key, init_vector, jnp.asarray(tol, jnp.float32),
-        jnp.asarray(max_iterations, jnp.int32), has_aux, _axis_key(axis_name),
+        loss_fn,
+        params,
+        batch,
+        key,
+        init_vector,
+        jnp.asarray(tol, jnp.float32),
+        jnp.asarray(max_iterations, jnp.int32),
+        has_aux,
+        _axis_key(axis_name),
     )
 
 
@@ -427,8 +435,13 @@ def _lanczos_flat(hvp, v0, num_steps):
 
     zero = jnp.zeros((), dtype)
     init = (
-        jnp.zeros((num_steps, n), dtype), jnp.zeros((num_steps,), dtype), jnp.zeros((num_steps,), dtype),
-        v0, jnp.zeros_like(v0), zero, zero,
+        jnp.zeros((num_steps, n), dtype),
+        jnp.zeros((num_steps,), dtype),
+        jnp.zeros((num_steps,), dtype),
+        v0,
+        jnp.zeros_like(v0),
+        zero,
+        zero,
     )
     _, alphas, betas, *_ = jax.lax.fori_loop(0, num_steps, body, init)
     off = betas[:-1]
@@ -518,7 +531,7 @@ def top_k_eigenvalues(
     k: int,
     *,
     key: jax.Array,
-    num_steps: Optional[int] = None,
+    num_steps: int | None = None,
     has_aux: bool = False,
     axis_name: AxisName = None,
 ) -> jax.Array:
@@ -571,7 +584,7 @@ def eigenvalue_ratio(
     *,
     key: jax.Array,
     k: int = 5,
-    num_steps: Optional[int] = None,
+    num_steps: int | None = None,
     has_aux: bool = False,
     axis_name: AxisName = None,
 ) -> EigenvalueRatio:
@@ -601,9 +614,7 @@ def eigenvalue_ratio(
     return EigenvalueRatio(lambda_max=top[0], lambda_k=top[k - 1], ratio=top[0] / top[k - 1])
 
 
-@functools.partial(
-    jax.jit, static_argnames=("loss_fn", "num_steps", "num_runs", "num_points", "has_aux", "axis_name")
-)
+@functools.partial(jax.jit, static_argnames=("loss_fn", "num_steps", "num_runs", "num_points", "has_aux", "axis_name"))
 def _density_jit(loss_fn, params, batch, key, grid, sigma, num_steps, num_runs, num_points, has_aux, axis_name):
     flat, _, hvp = _flat_problem(loss_fn, params, batch, has_aux, axis_name)
 
@@ -634,9 +645,9 @@ def spectral_density(
     key: jax.Array,
     num_steps: int = 90,
     num_runs: int = 1,
-    grid: Optional[jax.Array] = None,
+    grid: jax.Array | None = None,
     num_points: int = 1000,
-    sigma: Optional[float] = None,
+    sigma: float | None = None,
     has_aux: bool = False,
     axis_name: AxisName = None,
 ) -> SpectralDensity:

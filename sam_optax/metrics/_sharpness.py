@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +29,7 @@ class MSharpness(NamedTuple):
 
 def m_sharpness(
     loss_fn: Callable[..., Any],
-    geometry: Optional[AscentGeometry] = None,
+    geometry: AscentGeometry | None = None,
     *,
     has_aux: bool = False,
     **sa_kwargs: Any,
@@ -73,12 +74,16 @@ def m_sharpness(
 
     def one(params, batch, args, ascent_state):
         out = sa_grad(params, batch, *args, ascent_state=ascent_state)
-        wide = lambda x: jnp.asarray(x, jnp.promote_types(jnp.asarray(x).dtype, jnp.float32))
+
+        def wide(x):
+            return jnp.asarray(x, jnp.promote_types(jnp.asarray(x).dtype, jnp.float32))
+
         return wide(out.loss), wide(out.perturbed_loss)
 
     @jax.jit
     def f(params, batch, *args, ascent_state=None):
         if isinstance(batch, Batches):
+
             def body(acc, b):
                 loss, ploss = one(params, b, args, ascent_state)
                 return (acc[0] + loss, acc[1] + ploss), None

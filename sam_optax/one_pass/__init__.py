@@ -13,6 +13,7 @@
   here because it shares RWP's noise and state).
 """
 
+from sam_optax.one_pass._mrwp import mrwp_grad, mrwp_step
 from sam_optax.one_pass._msam import (
     MSAMAdamWState,
     MSAMState,
@@ -21,7 +22,6 @@ from sam_optax.one_pass._msam import (
     msam_sgd,
     msam_unperturbed,
 )
-from sam_optax.one_pass._mrwp import mrwp_grad, mrwp_step
 from sam_optax.one_pass._rwp import (
     RWPState,
     RWPTrainState,

@@ -20,7 +20,7 @@ References:
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Union
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -30,9 +30,7 @@ from sam_optax import _utils
 
 _NORM_EPS = 1e-12  # the official code's 1 / (||v|| + 1e-12)
 
-_NO_PARAMS = (
-    "MSAM needs the stored (perturbed) params: call tx.update(grads, opt_state, params)."
-)
+_NO_PARAMS = "MSAM needs the stored (perturbed) params: call tx.update(grads, opt_state, params)."
 
 
 class MSAMState(NamedTuple):
@@ -46,7 +44,7 @@ class MSAMState(NamedTuple):
         the params are :math:`w_t - \\rho\\, s_t\\, v_t`.
     """
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # field shadows tuple.count, as in optax
     momentum: Any
     inv_norm: jax.Array
     rho: jax.Array
@@ -64,7 +62,7 @@ class MSAMAdamWState(NamedTuple):
         code's ``norm_factor`` is ``rho * inv_norm``.
     """
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # field shadows tuple.count, as in optax
     momentum: Any
     nu: Any
     inv_norm: jax.Array
@@ -279,9 +277,7 @@ def _sgd_update(grads, state, params, learning_rate, momentum, rho, weight_decay
         return (undo * v32 - lr * vn32 - coef * vn32).astype(jnp.asarray(p).dtype)
 
     updates = jax.tree.map(update, params, state.momentum, v_new)
-    new_state = MSAMState(
-        count=optax.safe_increment(state.count), momentum=v_new, inv_norm=s_new, rho=rho_now
-    )
+    new_state = MSAMState(count=optax.safe_increment(state.count), momentum=v_new, inv_norm=s_new, rho=rho_now)
     return updates, new_state
 
 
@@ -328,24 +324,18 @@ def _check_bool(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be a bool (True or False), got {value!r}.")
 
 
-def _find_state(opt_state: Any) -> Union[MSAMState, MSAMAdamWState]:
+def _find_state(opt_state: Any) -> MSAMState | MSAMAdamWState:
     """The one MSAM state inside ``opt_state`` (which may be a chain's tuple or a wrapper's state)."""
-    found = [
-        x
-        for x in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, _States))
-        if isinstance(x, _States)
-    ]
+    found = [x for x in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, _States)) if isinstance(x, _States)]
     if len(found) != 1:
-        raise ValueError(
-            "opt_state must contain exactly one msam_sgd / msam_adamw state, "
-            f"found {len(found)}."
-        )
+        raise ValueError(f"opt_state must contain exactly one msam_sgd / msam_adamw state, found {len(found)}.")
     return found[0]
 
 
 def _shift(params: Any, opt_state: Any, sign: float) -> Any:
     state = _find_state(opt_state)
-    if jax.tree.structure(params) != jax.tree.structure(state.momentum):
+    # (mypy) jaxlib ships no stubs: PyTreeDef is unresolved
+    if jax.tree.structure(params) != jax.tree.structure(state.momentum):  # type: ignore[operator]
         raise ValueError(
             "params must have the tree structure of the MSAM state's momentum "
             f"({jax.tree.structure(state.momentum)}), got {jax.tree.structure(params)}."

@@ -20,7 +20,8 @@ References:
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -41,7 +42,7 @@ class RWPState(NamedTuple):
         init; ``None`` when not adaptive).
     """
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # field shadows tuple.count, as in optax
     key: jax.Array
     fisher: Any
 
@@ -118,9 +119,7 @@ def _leaf_noise(p, key, sigma, fisher, eta):
     return eps
 
 
-def rwp_noise(
-    params: Any, key: jax.Array, sigma: Any, fisher: Any = None, eta: Any = 0.0
-) -> Any:
+def rwp_noise(params: Any, key: jax.Array, sigma: Any, fisher: Any = None, eta: Any = 0.0) -> Any:
     r"""The (adaptive) filter-wise Gaussian perturbation :math:`\epsilon` (official ``ARWP.first_step``).
 
     For a leaf with ``ndim >= 2`` and filter (last-axis) index :math:`i`,
@@ -156,7 +155,8 @@ def rwp_noise(
     """
     leaves, treedef = jax.tree.flatten(params)
     keys = list(jax.random.split(key, max(len(leaves), 1)))[: len(leaves)]
-    fishers = [None] * len(leaves) if fisher is None else treedef.flatten_up_to(fisher)
+    # (mypy) jaxlib ships no stubs: PyTreeDef is unresolved
+    fishers = [None] * len(leaves) if fisher is None else treedef.flatten_up_to(fisher)  # type: ignore[attr-defined]
     sigma = jnp.asarray(sigma)
     noise = [_leaf_noise(p, k, sigma, f, eta) for p, k, f in zip(leaves, keys, fishers)]
     return jax.tree.unflatten(treedef, noise)

@@ -34,6 +34,7 @@ around a rule are fine. ``optax.MultiSteps`` and ``optax.apply_if_finite``
 around a rule are found by :func:`check_placement` on the optimizer state.
 """
 
+from sam_optax.rules._adaptive import AdaptivePolicyState, adaptive_looksam, adaptive_policy
 from sam_optax.rules._base import (
     SharpnessRuleState,
     check_clean_grads,
@@ -41,6 +42,7 @@ from sam_optax.rules._base import (
     sharpness_rule,
 )
 from sam_optax.rules._gsam import gsam, gsam_rho_schedule
+from sam_optax.rules._late import LatePhaseState, late_phase, late_phase_schedule
 from sam_optax.rules._looksam import (
     LookSAMSchedule,
     LookSAMState,
@@ -50,8 +52,6 @@ from sam_optax.rules._looksam import (
     looksam_schedule,
 )
 from sam_optax.rules._sam import sam
-from sam_optax.rules._adaptive import AdaptivePolicyState, adaptive_looksam, adaptive_policy
-from sam_optax.rules._late import LatePhaseState, late_phase, late_phase_schedule
 from sam_optax.rules._schedules import (
     PeriodicState,
     RandomizedState,

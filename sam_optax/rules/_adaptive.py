@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -163,7 +163,7 @@ def adaptive_looksam(
     var_init: float,
     alpha: float = 0.7,
     eps: float = 1e-12,
-    max_norm: Optional[float] = None,
+    max_norm: float | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""AE-LookSAM: AE-SAM's policy picks the SAM steps, LookSAM's reuse update fills the others.
 

@@ -19,7 +19,8 @@ any base optax optimizer. A rule is written as a ``combine`` function:
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +28,7 @@ import optax
 
 from sam_optax import _utils
 
-CombineFn = Callable[[Any, Any, Any, Any], tuple[Any, Optional[Callable[[Any, Any], Any]], Any]]
+CombineFn = Callable[[Any, Any, Any, Any], tuple[Any, Callable[[Any, Any], Any] | None, Any]]
 
 
 class SharpnessRuleState(NamedTuple):
@@ -67,7 +68,7 @@ MISPLACED = (
 )
 
 
-def check_clean_grads(grads: Any, clean_grads: Any, name: str) -> None:
+def check_clean_grads(grads: optax.Updates, clean_grads: optax.Updates | None, name: str) -> None:
     """Raises ``ValueError`` unless ``grads`` is, leaf by leaf, ``clean_grads``.
 
     The check is by Python identity at trace time (no cost at run time): a
@@ -94,15 +95,15 @@ def check_clean_grads(grads: Any, clean_grads: Any, name: str) -> None:
     try:
         clean = _utils.mask_like(grads, clean_grads)
     except (ValueError, TypeError) as e:
-        raise ValueError(
-            f"{name}: clean_grads must have the structure of the gradient given to the rule: {e}"
-        ) from e
+        raise ValueError(f"{name}: clean_grads must have the structure of the gradient given to the rule: {e}") from e
     got, want = jax.tree.leaves(grads), jax.tree.leaves(clean)
     if len(got) != len(want) or any(a is not b for a, b in zip(got, want)):
         raise ValueError(MISPLACED.format(name=name))
 
 
-def read_both(grads: Any, perturbed_grads: Any, clean_grads: Any, name: str) -> Any:
+def read_both(
+    grads: optax.Updates, perturbed_grads: optax.Updates | None, clean_grads: optax.Updates | None, name: str
+) -> optax.Updates:
     """The checks every rule and wrapper makes on its inputs, in one place:
     ``perturbed_grads`` is given (:data:`MISSING_PERTURBED`), ``grads`` is the
     untouched ``clean_grads`` when those are given (:func:`check_clean_grads`),
@@ -117,7 +118,7 @@ def read_both(grads: Any, perturbed_grads: Any, clean_grads: Any, name: str) -> 
     return check_perturbed_grads(grads, perturbed_grads, name)
 
 
-def check_perturbed_grads(grads: Any, perturbed_grads: Any, name: str) -> Any:
+def check_perturbed_grads(grads: optax.Updates, perturbed_grads: optax.Updates, name: str) -> optax.Updates:
     """``perturbed_grads`` masked like ``grads``; ``ValueError`` unless they match.
 
     ``perturbed_grads`` is first masked like ``grads`` (``MaskedNode`` where
@@ -145,7 +146,7 @@ def check_perturbed_grads(grads: Any, perturbed_grads: Any, name: str) -> Any:
             f"{jax.tree.structure(grads)}, got {jax.tree.structure(perturbed_grads)}."
         ) from e
     want, got = jax.tree.structure(grads), jax.tree.structure(masked)
-    if want != got:
+    if want != got:  # type: ignore[operator]  # jaxlib ships no stubs: PyTreeDef is unresolved
         raise ValueError(
             f"{name}: perturbed_grads must have the tree structure of the gradient {want}, "
             f"got {jax.tree.structure(perturbed_grads)}."
@@ -236,9 +237,9 @@ def sharpness_rule(
     combine: CombineFn,
     *,
     name: str,
-    max_norm: Optional[float] = None,
-    init_extra: Optional[Callable[[Any], Any]] = None,
-    check_init: Optional[Callable[[Any], None]] = None,
+    max_norm: float | None = None,
+    init_extra: Callable[[Any], Any] | None = None,
+    check_init: Callable[[Any], None] | None = None,
     has_post: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """Builds a combination rule around a base optimizer.

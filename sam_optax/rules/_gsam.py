@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +17,7 @@ def gsam(
     alpha: float = 0.4,
     *,
     eps: float = 1e-12,
-    max_norm: Optional[float] = None,
+    max_norm: float | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Surrogate-Gap guided SAM (GSAM, Algorithm 1).
 
@@ -106,8 +106,9 @@ def gsam_direction(g: Any, g_pert: Any, alpha: Any, eps: Any) -> Any:
 
     inv, den, t = jax.lax.cond(ok, plain, scaled)
     k = alpha * t / den
-    return jax.tree.map(lambda a, b: _utils.to_compute(b) - alpha * _utils.to_compute(a)
-                        + k * (_utils.to_compute(b) * inv), g, g_pert)
+    return jax.tree.map(
+        lambda a, b: _utils.to_compute(b) - alpha * _utils.to_compute(a) + k * (_utils.to_compute(b) * inv), g, g_pert
+    )
 
 
 def gsam_rho_schedule(
@@ -115,8 +116,8 @@ def gsam_rho_schedule(
     rho_max: float,
     rho_min: float,
     *,
-    lr_max: Optional[float] = None,
-    lr_min: Optional[float] = None,
+    lr_max: float | None = None,
+    lr_min: float | None = None,
 ) -> optax.Schedule:
     r"""GSAM's radius, proportional to the learning rate (Algorithm 1, step 0).
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import itertools
-from typing import Any, Iterator, NamedTuple
+from collections.abc import Iterator
+from typing import Any, NamedTuple
 
 import jax
 import optax
@@ -93,7 +94,7 @@ def late_phase(rule: optax.GradientTransformation, start_step: int) -> optax.Gra
     return count_scheduler(rule, LatePhaseState, lambda t: t >= start_step, "late_phase")
 
 
-def late_phase_schedule(start_step: int, opt_state: Any) -> Iterator[bool]:
+def late_phase_schedule(start_step: int, opt_state: optax.OptState) -> Iterator[bool]:
     """The literal ``second_pass`` flag of each coming :func:`late_phase` update, from a Python counter.
 
     ``t >= start_step`` for ``t`` = the state's ``schedule_count``, read once

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -34,7 +34,7 @@ def looksam(
     alpha: float = 0.7,
     *,
     eps: float = 1e-12,
-    max_norm: Optional[float] = None,
+    max_norm: float | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""LookSAM: compute the SAM gradient every ``k`` steps and reuse its direction.
 
@@ -95,8 +95,9 @@ def looksam(
 
     def combine(g, g_pert, state, params):
         del params
-        base_grads, w = _full_or_reuse(g, g_pert, state.extra.sharpness_direction, state.rule_count % k == 0,
-                                       alpha, eps)
+        base_grads, w = _full_or_reuse(
+            g, g_pert, state.extra.sharpness_direction, state.rule_count % k == 0, alpha, eps
+        )
         return base_grads, None, LookSAMState(w, (state.rule_count + 1) % k == 0)
 
     return sharpness_rule(base, combine, name="looksam", max_norm=max_norm, init_extra=init_extra)
@@ -135,7 +136,7 @@ def scheduled_looksam(
     alpha: float = 0.7,
     *,
     eps: float = 1e-12,
-    max_norm: Optional[float] = None,
+    max_norm: float | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""LookSAM's full and reuse steps, the full ones chosen by the scheduler around it.
 
@@ -213,7 +214,7 @@ def _check_k(k: Any) -> Any:
     return int(k)
 
 
-def looksam_full_step(opt_state: Any) -> jax.Array:
+def looksam_full_step(opt_state: optax.OptState) -> jax.Array:
     """Whether the next LookSAM update is a full SAM step (needs the second pass).
 
     Finds the LookSAM state anywhere inside ``opt_state`` (chains, wrappers).
@@ -227,7 +228,7 @@ class LookSAMSchedule:
     def __init__(self, k: int, step: int):
         self.k, self.step = k, step
 
-    def __iter__(self) -> "LookSAMSchedule":
+    def __iter__(self) -> LookSAMSchedule:
         return self
 
     def __next__(self) -> bool:
@@ -235,7 +236,7 @@ class LookSAMSchedule:
         self.step += 1
         return full
 
-    def check(self, opt_state: Any) -> None:
+    def check(self, opt_state: optax.OptState) -> None:
         """``ValueError`` unless the next flag is the LookSAM state's own (one device read)."""
         count, full = _looksam_counter(opt_state)
         if count != self.step or bool(full) != (self.step % self.k == 0):
@@ -247,7 +248,7 @@ class LookSAMSchedule:
             )
 
 
-def looksam_schedule(k: int, opt_state: Any) -> LookSAMSchedule:
+def looksam_schedule(k: int, opt_state: optax.OptState) -> LookSAMSchedule:
     r"""The literal ``second_pass`` flag of each coming LookSAM update, from a Python counter.
 
     ``next(schedule)`` is ``True`` on full steps (:math:`t \bmod k = 0`) and

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import optax
 
 from sam_optax.rules._base import sharpness_rule
 
 
-def sam(base: optax.GradientTransformation, *, max_norm: Optional[float] = None) -> optax.GradientTransformationExtraArgs:
+def sam(base: optax.GradientTransformation, *, max_norm: float | None = None) -> optax.GradientTransformationExtraArgs:
     r"""Sharpness-Aware Minimization: feed the base optimizer :math:`\nabla L(w+\epsilon)`.
 
     .. math::

@@ -14,7 +14,8 @@ steps run one gradient pass (``lax.cond``, no recompilation).
 from __future__ import annotations
 
 import itertools
-from typing import Any, Callable, Iterator, NamedTuple, Union
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -58,7 +59,7 @@ class RandomizedState(NamedTuple):
     rule_state: Any
 
 
-def schedule_flags(opt_state: Any) -> list:
+def schedule_flags(opt_state: optax.OptState) -> list:
     """Every second-pass decision in ``opt_state``: the "next update is a SAM step"
     flags (LookSAM's, the schedulers') and AE-SAM's ``clean_grads -> bool`` callables."""
     found = []
@@ -68,7 +69,7 @@ def schedule_flags(opt_state: Any) -> list:
     return found
 
 
-def scheduled_second_pass(opt_state: Any) -> Any:
+def scheduled_second_pass(opt_state: optax.OptState) -> Any:
     """What ``second_pass="auto"`` means for ``opt_state``: the one scheduler's flag.
 
     Returns LookSAM's ``looksam_full_step`` or a scheduler's ``sam_step_next``
@@ -145,7 +146,14 @@ def count_scheduler(
 
     def update_fn(updates, state, params=None, *, perturbed_grads=None, clean_grads=None, **extra_args):
         new_updates, rule_state = scheduled_update(
-            rule, state.sam_step_next, updates, state.rule_state, params, perturbed_grads, clean_grads, name,
+            rule,
+            state.sam_step_next,
+            updates,
+            state.rule_state,
+            params,
+            perturbed_grads,
+            clean_grads,
+            name,
             extra_args,
         )
         count = optax.safe_increment(state.schedule_count)
@@ -218,7 +226,7 @@ def periodic(rule: optax.GradientTransformation, every: int) -> optax.GradientTr
     return count_scheduler(rule, PeriodicState, lambda t: (t + 1) % every == 0, "periodic")
 
 
-def periodic_schedule(every: int, opt_state: Any) -> Iterator[bool]:
+def periodic_schedule(every: int, opt_state: optax.OptState) -> Iterator[bool]:
     """The literal ``second_pass`` flag of each coming :func:`periodic` update, from a Python counter.
 
     ``(t + 1) % every == 0`` for ``t`` = the state's ``schedule_count``, read
@@ -269,7 +277,7 @@ def _draw(key_data: jax.Array, p: Any, count: jax.Array) -> tuple[jax.Array, jax
 
 
 def randomized(
-    rule: optax.GradientTransformation, p: Union[float, Callable[[Any], Any]], *, seed: int = 0
+    rule: optax.GradientTransformation, p: float | Callable[[Any], Any], *, seed: int = 0
 ) -> optax.GradientTransformationExtraArgs:
     r"""RST (randomized sharpness-aware training): a SAM step with probability :math:`p_t`.
 
@@ -341,8 +349,15 @@ def randomized(
 
     def update_fn(updates, state, params=None, *, perturbed_grads=None, clean_grads=None, **extra_args):
         new_updates, rule_state = scheduled_update(
-            rule, state.sam_step_next, updates, state.rule_state, params, perturbed_grads, clean_grads,
-            "randomized", extra_args,
+            rule,
+            state.sam_step_next,
+            updates,
+            state.rule_state,
+            params,
+            perturbed_grads,
+            clean_grads,
+            "randomized",
+            extra_args,
         )
         count = optax.safe_increment(state.schedule_count)
         key_data, flag = _draw(state.rng_key_data, p, count)

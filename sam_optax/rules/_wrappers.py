@@ -15,8 +15,8 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 import optax
+from jax import lax
 
 from sam_optax import _utils
 from sam_optax.rules._base import SharpnessRuleState, read_both
@@ -187,8 +187,12 @@ def skip_nonfinite(
 
         def do_update():
             return rule.update(
-                updates, state.rule_state, params,
-                perturbed_grads=perturbed_grads, clean_grads=clean_grads, **extra_args,
+                updates,
+                state.rule_state,
+                params,
+                perturbed_grads=perturbed_grads,
+                clean_grads=clean_grads,
+                **extra_args,
             )
 
         apply = jnp.logical_or(finite, streak > max_consecutive_errors)
@@ -316,7 +320,7 @@ def _is_rule_state(x: Any) -> bool:
     return isinstance(x, SharpnessRuleState)
 
 
-def check_placement(opt_state: Any) -> None:
+def check_placement(opt_state: optax.OptState) -> None:
     """Raises ``ValueError`` if a rule sits inside ``optax.apply_if_finite`` or ``optax.MultiSteps``.
 
     Those wrappers act on the clean gradient only (``apply_if_finite`` does not

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import jax
 import optax
 
@@ -14,20 +12,18 @@ from sam_optax.rules._base import sharpness_rule
 def injected_learning_rate(inner_state):
     """The ``learning_rate`` of an ``optax.inject_hyperparams`` optimizer's state, or None."""
     try:
-        return optax.tree.get(
-            inner_state, "learning_rate", filtering=lambda path, value: hasattr(value, "dtype")
-        )
+        return optax.tree.get(inner_state, "learning_rate", filtering=lambda path, value: hasattr(value, "dtype"))
     except KeyError as e:
-        raise ValueError(f"several learning_rate hyperparameters in the base optimizer's state: {e}")
+        raise ValueError(f"several learning_rate hyperparameters in the base optimizer's state: {e}") from e
 
 
 def wsam(
     base: optax.GradientTransformation,
     gamma: float = 0.9,
     *,
-    learning_rate: Optional[_utils.ScalarOrSchedule] = None,
+    learning_rate: _utils.ScalarOrSchedule | None = None,
     decouple: bool = True,
-    max_norm: Optional[float] = None,
+    max_norm: float | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Weighted SAM: :math:`L + \frac{\gamma}{1-\gamma}(L^{SAM} - L)`.
 
@@ -94,12 +90,12 @@ def wsam(
 
     if not decouple:
 
-        def combine(g, g_pert, state, params):
+        def combine_coupled(g, g_pert, state, params):
             del params
             c_clean = (1.0 - 2.0 * gamma) / (1.0 - gamma)
             return jax.tree.map(lambda a, b: c_clean * a + alpha * b, g, g_pert), None, state.extra
 
-        return sharpness_rule(base, combine, name="wsam", max_norm=max_norm)
+        return sharpness_rule(base, combine_coupled, name="wsam", max_norm=max_norm)
 
     def check_init(inner_state):
         if learning_rate is None and injected_learning_rate(inner_state) is None:
@@ -121,6 +117,4 @@ def wsam(
 
         return g, post, state.extra
 
-    return sharpness_rule(
-        base, combine, name="wsam", max_norm=max_norm, check_init=check_init, has_post=True
-    )
+    return sharpness_rule(base, combine, name="wsam", max_norm=max_norm, check_init=check_init, has_post=True)

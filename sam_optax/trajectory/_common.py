@@ -3,8 +3,8 @@ KL term, validation, and the plain-JAX step :func:`trajectory_step`."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, Callable, NamedTuple, Optional
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -66,8 +66,9 @@ def check_common(weight, temperature, start_epoch, end_epoch, steps_per_epoch, s
         raise ValueError(f"end_epoch must be None or > start_epoch={start_epoch}, got {end_epoch}.")
     _utils.check_positive_int("steps_per_epoch", steps_per_epoch)
     if scale not in _SCALES:
-        raise ValueError(f"scale must be 'code' (weight * temperature**2 * KL) or 'paper' (weight * KL), "
-                         f"got {scale!r}.")
+        raise ValueError(
+            f"scale must be 'code' (weight * temperature**2 * KL) or 'paper' (weight * KL), got {scale!r}."
+        )
 
 
 def make_schedule(weight, temperature, start_epoch, end_epoch, steps_per_epoch, scale):
@@ -99,7 +100,7 @@ def softened_kl(logits: jax.Array, targets: jax.Array, temperature: float) -> ja
     return jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
 
 
-def make_loss(temperature: float, num_classes: Optional[int] = None) -> Callable[[jax.Array, Any], jax.Array]:
+def make_loss(temperature: float, num_classes: int | None = None) -> Callable[[jax.Array, Any], jax.Array]:
     """``loss(logits, batch)``: the mean over the batch of ``batch[SCALE] * KL``."""
 
     def loss(logits, batch):

@@ -11,7 +11,7 @@ References:
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +31,7 @@ class MESAState(NamedTuple):
         ``params`` given to ``init``, e.g. Linen ``{"params", "batch_stats"}``).
     """
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # field shadows tuple.count, as in optax
     teacher: Any
 
 
@@ -56,7 +56,7 @@ def mesa(
     temperature: float = 5.0,
     decay: float = 0.9998,
     start_epoch: int = 5,
-    end_epoch: Optional[int] = None,
+    end_epoch: int | None = None,
     scale: str = "code",
 ) -> _common.TrajectoryRegularizer:
     r"""MESA's trajectory loss (Du et al. 2022, Eq. 9-12) as a :class:`TrajectoryRegularizer`.

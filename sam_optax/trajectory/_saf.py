@@ -13,7 +13,7 @@ References:
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -34,7 +34,7 @@ class SAFState(NamedTuple):
         epoch :math:`e` writes ring slot :math:`(e-1) \\bmod \\mathrm{slots}`.
     """
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # field shadows tuple.count, as in optax
     table: jax.Array
 
 
@@ -49,8 +49,10 @@ def check_ids(ids: Any, num_examples: int) -> None:
     ids = np.asarray(ids)
     bad = ids[(ids < 0) | (ids >= num_examples)]
     if bad.size:
-        raise ValueError(f"batch['index'] must hold example ids in [0, num_examples={num_examples}), "
-                         f"got {bad.size} outside it (e.g. {bad[:5].tolist()}).")
+        raise ValueError(
+            f"batch['index'] must hold example ids in [0, num_examples={num_examples}), "
+            f"got {bad.size} outside it (e.g. {bad[:5].tolist()})."
+        )
 
 
 def _ids(batch: Any, num_examples: int) -> jax.Array:
@@ -59,8 +61,9 @@ def _ids(batch: Any, num_examples: int) -> jax.Array:
         raise ValueError("SAF needs the example ids in the batch: a dict with batch['index'] (int array [B]).")
     ids = batch["index"]
     if jnp.ndim(ids) != 1 or not jnp.issubdtype(jnp.result_type(ids), jnp.integer):
-        raise ValueError(f"batch['index'] must be an integer array [B], got shape {jnp.shape(ids)} "
-                         f"and dtype {jnp.result_type(ids)}.")
+        raise ValueError(
+            f"batch['index'] must be an integer array [B], got shape {jnp.shape(ids)} and dtype {jnp.result_type(ids)}."
+        )
     check_ids(ids, num_examples)
     ids = jnp.asarray(ids)
     # explicit: jnp indexing would wrap a negative id to another example's row
@@ -76,9 +79,9 @@ def saf(
     temperature: float = 5.0,
     delay_epochs: int = 3,
     start_epoch: int = 5,
-    end_epoch: Optional[int] = None,
+    end_epoch: int | None = None,
     scale: str = "code",
-    slots: Optional[int] = None,
+    slots: int | None = None,
     dtype: Any = jnp.float32,
 ) -> _common.TrajectoryRegularizer:
     r"""SAF's trajectory loss (Du et al. 2022, Alg. 1, Eq. 8) as a :class:`TrajectoryRegularizer`.
@@ -173,8 +176,10 @@ def saf(
     _utils.check_int("delay_epochs", delay_epochs, low=1)
     _common.check_common(weight, temperature, start_epoch, end_epoch, steps_per_epoch, scale)
     if start_epoch < delay_epochs:
-        raise ValueError(f"start_epoch must be >= delay_epochs={delay_epochs} (the first active epoch reads "
-                         f"the outputs of epoch start_epoch + 1 - delay_epochs >= 1), got {start_epoch}.")
+        raise ValueError(
+            f"start_epoch must be >= delay_epochs={delay_epochs} (the first active epoch reads "
+            f"the outputs of epoch start_epoch + 1 - delay_epochs >= 1), got {start_epoch}."
+        )
     _utils.check_int("slots", slots, low=delay_epochs, allow_none=True)
     _utils.check_float_dtype("dtype", dtype)
     n_slots = delay_epochs if slots is None else slots
@@ -199,12 +204,12 @@ def saf(
         del params
         ids = _ids(batch, num_examples)
         if jnp.shape(logits) != (ids.shape[0], num_classes):
-            raise ValueError(f"logits must be [B, num_classes] = {(ids.shape[0], num_classes)}, "
-                             f"got {jnp.shape(logits)}.")
+            raise ValueError(
+                f"logits must be [B, num_classes] = {(ids.shape[0], num_classes)}, got {jnp.shape(logits)}."
+            )
         write = jnp.remainder(state.count // steps_per_epoch, n_slots)
         rows = jax.lax.stop_gradient(logits).astype(state.table.dtype)
         table = state.table.at[write, ids].set(rows, mode="drop")
         return SAFState(optax.safe_increment(state.count), table)
 
-    return _common.TrajectoryRegularizer(init, prepare, _common.make_loss(temperature, num_classes), update,
-                                         schedule)
+    return _common.TrajectoryRegularizer(init, prepare, _common.make_loss(temperature, num_classes), update, schedule)
