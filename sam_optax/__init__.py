@@ -18,13 +18,17 @@ whole step and :func:`sharpness_aware` the one-object form (a rule and a
 geometry as one transformation whose ``update`` takes a ``grad_fn``).
 
 Around them: :mod:`sam_optax.decay` (decoupled weight decay as in the AdamW
-paper: ``adamw``, ``sgdw``, ``decoupled_weight_decay``) and
+paper: ``decay.adamw``, ``decay.sgdw``, ``decoupled_weight_decay``; the first
+two are not exported here, where they would shadow ``optax.adamw``, whose
+weight decay is multiplied by the learning rate) and
 :mod:`sam_optax.averaging` (SWA, EMA of weights, Lookahead, SWAP, filter
 grafting, BatchNorm recompute), which wrap any rule. :mod:`sam_optax.metrics`
 measures sharpness (Hessian spectrum and trace, m-sharpness value);
 :mod:`sam_optax.flax` trains Flax Linen and NNX models (BatchNorm, dropout)
-with any rule; :mod:`sam_optax.experiments` holds the small reproducible
-experiments behind the ``sam-optax`` command.
+with any rule (the ``flax`` extra: ``pip install sam-optax[flax]``; imported on
+first use). :mod:`sam_optax.experiments` (the small reproducible experiments
+behind the ``sam-optax`` command, the ``examples`` extra) and
+``sam_optax.benchmarking`` use this package; it never imports them.
 """
 
 # Submodules only import sam_optax._utils and each other, never this package's
@@ -45,7 +49,7 @@ from sam_optax.averaging import (
     swa_params,
     weight_ema,
 )
-from sam_optax.decay import adamw, decoupled_weight_decay, sgdw
+from sam_optax.decay import decoupled_weight_decay
 from sam_optax.one_object import SharpnessAwareTxState, sharpness_aware
 
 # One-pass perturbations: MSAM, ARWP at 1x cost.
@@ -87,11 +91,11 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name):
-    # sam_optax.flax (flax.linen, flax.nnx) and sam_optax.experiments are imported on first use.
-    if name in ("flax", "experiments"):
+    # sam_optax.flax (flax.linen, flax.nnx: the optional `flax` extra) is imported on first use.
+    if name == "flax":
         import importlib
 
-        return importlib.import_module(f"sam_optax.{name}")
+        return importlib.import_module("sam_optax.flax")
     raise AttributeError(f"module 'sam_optax' has no attribute {name!r}")
 
 
@@ -118,16 +122,13 @@ __all__ = [
     "SharpnessAwareState",
     "SharpnessAwareTxState",
     "SharpnessRuleState",
-    "adamw",
     "average_replicas",
     "averaging",
     "data",
     "decay",
     "decoupled_weight_decay",
     "ema_params",
-    "experiments",
     "filter_grafting",
-    "flax",
     "geometry",
     "graft",
     "metrics",
@@ -148,7 +149,6 @@ __all__ = [
     "replicate",
     "rules",
     "sam",
-    "sgdw",
     "plain_step",
     "sharpness_aware",
     "sharpness_aware_grad",

@@ -13,7 +13,43 @@ from sam_optax._argtypes import fraction as _fraction
 from sam_optax._argtypes import nonneg_float as _nonneg_float
 from sam_optax._argtypes import positive_int as _positive_int
 from sam_optax._argtypes import seed as _seed
-from sam_optax.experiments import _interrupt, _io
+from sam_optax.experiments import _interrupt, _io  # standard library only: no extra needed
+
+# --------------------------------------------------------------------------------------------
+# optional dependencies
+# --------------------------------------------------------------------------------------------
+
+# The top-level module each subcommand imports beyond the core dependencies, and the extra
+# that installs it (``examples`` includes ``flax``).
+_EXTRA = {"flax": "flax", "matplotlib": "examples", "tqdm": "examples", "mnist1d": "examples", "sklearn": "examples"}
+
+
+def _required_modules(args: argparse.Namespace) -> list[str]:
+    if args.command == "compare":  # models (flax), dataset, figure, progress bars
+        needed = ["flax", "mnist1d" if args.dataset == "mnist1d" else "sklearn", "matplotlib"]
+        return needed + ([] if args.no_progress else ["tqdm"])
+    if args.command == "toy":
+        return ["matplotlib"]
+    return ["flax"]  # bench: the benchmark's models
+
+
+def _missing_extra(command: str, modules: Sequence[str]) -> str | None:
+    """One line naming the modules that are not installed and the extra to install, or None."""
+    import importlib.util
+
+    missing = []
+    for name in modules:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            missing.append(name)
+    if not missing:
+        return None
+    extra = "examples" if any(_EXTRA[m] == "examples" for m in missing) else "flax"
+    return f"sam-optax {command}: error: needs {', '.join(missing)}, not installed: pip install sam-optax[{extra}]"
+
 
 # --------------------------------------------------------------------------------------------
 # compare
@@ -317,6 +353,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "bench":  # its own parser, in a fresh process with its XLA flags
+        if not {"-h", "--help"} & set(argv[1:]):
+            error = _missing_extra("bench", _required_modules(argparse.Namespace(command="bench")))
+            if error:
+                print(error, file=sys.stderr)
+                return 1
         from sam_optax import benchmarking
 
         return benchmarking.launch(argv[1:])
@@ -331,6 +372,10 @@ def _main(argv: list) -> int:
     if args.command == "compare":
         if args.m is not None and args.batch_size % args.m:
             sub.error(f"argument --m: {args.m} must divide --batch-size {args.batch_size}")
+    error = _missing_extra(args.command, _required_modules(args))
+    if error:  # before any output folder is made or locked
+        print(error, file=sys.stderr)
+        return 1
     outputs = COMPARE_OUTPUTS if args.command == "compare" else TOY_OUTPUTS
     with contextlib.ExitStack() as stack:
         try:  # every output path is checked, and the folder locked, before any training
