@@ -38,6 +38,7 @@ def make_graph(seed):
 GRAPH_PARAMS = {"w": jax.random.normal(jax.random.PRNGKey(7), (3, 4)), "b": jnp.ones(2)}
 
 
+@pytest.mark.slow
 def test_graph_batch_with_one_shard_is_sam_by_hand():
     graph = make_graph(0)
     out = sam_optax.sharpness_aware_grad(graph_loss, geometry.l2(RHO))(GRAPH_PARAMS, graph)
@@ -66,6 +67,7 @@ RULES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(RULES))
 def test_one_object_form_equals_two_piece_form(name):
     """Four steps on graph batches: sharpness_aware(rule, geometry) with a grad_fn equals
@@ -90,6 +92,7 @@ def test_one_object_form_equals_two_piece_form(name):
     assert not jnp.allclose(p1["w"], GRAPH_PARAMS["w"])
 
 
+@pytest.mark.slow
 def test_one_object_form_skips_the_second_pass_on_looksam_reuse_steps():
     """A grad_fn that returns NaN poisons a full step, but not a reuse step: there the
     second pass is not run (lax.cond), so its NaN never reaches the update."""
@@ -142,6 +145,7 @@ def test_shards_rejects_bad_arguments_by_name(kwargs, match):
         shards(**kwargs)
 
 
+@pytest.mark.multidevice
 def test_shards_checks_mesh_axes():
     mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
     with pytest.raises(ValueError, match="axis_name is required"):
@@ -167,6 +171,7 @@ def loss_with_int_aux(params, batch):
     return loss_fn(params, batch), {"max_label": jnp.max(batch["y"]), "any_big": jnp.any(batch["y"] > 1)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "data",
     [
@@ -192,6 +197,7 @@ def test_integer_aux_is_the_max_over_shards_in_every_layout(data):
 # --------------------------------------------------------------------------- second_pass
 
 
+@pytest.mark.slow
 def test_second_pass_has_one_meaning():
     f = sam_optax.sharpness_aware_grad(loss_fn, geometry.l2(RHO))
     batch = make_batch()

@@ -38,6 +38,7 @@ def hand_momentum_sgd(direction, lr=0.1, beta=0.9, steps=8, post=None):
 # ---- SWA ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("start, period", [(2, 3), (0, 4)])
 def test_wsam_swa_average_is_mean_of_snapshots(start, period):
     gamma, lr = 0.9, 0.1
@@ -89,6 +90,7 @@ def test_swa_schedules():
 # ---- EMA ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("debias", [False, True])
 def test_sam_ema_by_hand(debias):
     d = 0.7
@@ -115,6 +117,7 @@ def test_sam_ema_by_hand(debias):
 # ---- Lookahead -----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("momentum", ["none", "reset", "pullback"])
 def test_sam_inside_lookahead_by_hand(momentum):
     k, alpha, lr, beta = 3, 0.5, 0.1, 0.9
@@ -221,6 +224,7 @@ def make_step(tx, donate=False):
     return jax.jit(step, donate_argnums=(0, 1) if donate else ())
 
 
+@pytest.mark.slow
 def test_nested_wrappers_accessors_and_checkpoint_resume(tmp_path):
     tx = nested()
     step = make_step(tx)
@@ -249,6 +253,7 @@ def test_nested_wrappers_accessors_and_checkpoint_resume(tmp_path):
     assert_trees_close(resumed, uninterrupted, rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_buffer_donation_and_bf16():
     params = make_params(dtype=jnp.bfloat16)
     tx = nested(dtype=jnp.float32)

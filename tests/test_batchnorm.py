@@ -60,6 +60,7 @@ def averaged_linen_variables():
     return model, {"params": params, "batch_stats": inits[0]["batch_stats"]}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variance", ["batch_average", "total"])
 @pytest.mark.parametrize("sizes", [(16, 16, 16, 16), (10, 22, 32)])
 def test_linen_recompute_gives_the_averaged_models_statistics(variance, sizes):

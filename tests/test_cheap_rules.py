@@ -20,6 +20,7 @@ def looksam_step(loss=loss_fn, k=K):
     return sam_optax.sharpness_aware_step(loss, sam_optax.looksam(optax.sgd(0.1, momentum=0.9), k=k), geometry.l2(0.1))
 
 
+@pytest.mark.slow
 def test_host_chosen_programs_equal_the_cond_program_bit_for_bit():
     """7 steps (full steps 0, 3 and 6): the two literal programs picked by looksam_schedule
     give the very same params and state as the one program with lax.cond."""
@@ -41,6 +42,7 @@ def test_host_chosen_programs_equal_the_cond_program_bit_for_bit():
     assert not np.allclose(jax.tree.leaves(p1)[0], jax.tree.leaves(make_params())[0])
 
 
+@pytest.mark.slow
 def test_reuse_program_runs_one_gradient_pass_and_no_full_step_branch():
     calls = []
 
@@ -115,6 +117,7 @@ def test_global_norm_parts_one_pass_with_exact_fallback(scale):
         np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_experiments_harness_picks_looksam_programs_on_the_host_on_cpu():
     from sam_optax.experiments import training
     from sam_optax.experiments.methods import Hyper, build_method

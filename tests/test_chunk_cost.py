@@ -63,6 +63,7 @@ def test_auto_is_the_default_and_validated():
         sam_optax.data.shards(4, chunk_mode="fast")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "loss, params, batch, picked",
     [(conv_loss, CONV_PARAMS, CONV_BATCH, "unroll"), (mlp_loss, MLP_PARAMS, MLP_BATCH, "vmap")],

@@ -69,6 +69,7 @@ def test_batch_larger_than_the_training_set_is_a_usage_error(tmp_path, capsys):
     assert "argument --batch-size: 5000 is larger than the training set of digits (1437 examples)" in err
 
 
+@pytest.mark.slow
 def test_bench_argument_errors():
     out = subprocess.run(
         [sys.executable, "-m", "sam_optax.cli", "bench", "--batch-size", "12"], capture_output=True, text=True
@@ -76,6 +77,7 @@ def test_bench_argument_errors():
     assert out.returncode == 2 and "multiple of 8" in out.stderr and "Traceback" not in out.stderr
 
 
+@pytest.mark.slow
 def test_compare_small_run(tmp_path, capsys):
     rc = cli.main(
         [
@@ -111,6 +113,7 @@ def test_compare_small_run(tmp_path, capsys):
     assert (tmp_path / "accuracy.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow
 def test_toy_reproduces_the_wsam_figure(tmp_path, capsys):
     assert cli.main(["toy", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
@@ -131,6 +134,7 @@ def test_toy_reproduces_the_wsam_figure(tmp_path, capsys):
     assert (tmp_path / "wsam_toy.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow
 def test_compare_runs_the_efficient_methods_and_reports_their_second_pass_fraction(tmp_path, capsys):
     methods = ["periodic", "ae_sam", "rwp"]  # (rst and msam: tests/test_experiments.py)
     rc = cli.main(

@@ -139,6 +139,7 @@ def test_compare_checks_its_output_paths_before_training(bad, tmp_path, monkeypa
     assert "sam-optax compare: error: argument --out: " in err and expected in err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bad", ["an existing file", "a folder named like the JSON"])
 def test_bench_checks_its_output_path_before_running(bad, tmp_path):
     if bad == "an existing file":
@@ -187,6 +188,7 @@ def _assert_one_clean_line(err):
     return lines[0]
 
 
+@pytest.mark.slow
 def test_ctrl_c_in_compare_saves_the_methods_that_finished(tmp_path):
     methods = ["sgd", "sam", "wsam", "gsam"]
     rc, out, err = _interrupt_after(
@@ -204,6 +206,7 @@ def test_ctrl_c_in_compare_saves_the_methods_that_finished(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["accuracy.png", "results.json"]  # no temporary file, no lock
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_ctrl_c_in_bench_stops_cleanly(tmp_path, signum):
     """SIGTERM (``timeout``, ``kill``) to ``sam-optax bench`` is Ctrl-C too: it used to kill the
@@ -233,8 +236,10 @@ def test_bench_interrupted_during_the_rounds_keeps_the_rounds_done(monkeypatch):
 
 
 def test_the_sigint_handler_is_restored_after_a_run(tmp_path):
+    # the handler the run found (the default one, or SIG_IGN when pytest was started in the background)
+    before = signal.getsignal(signal.SIGINT)
     assert cli.main(["toy", "--steps", "5", "--out", str(tmp_path)]) == 0
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is before
 
 
 # --------------------------------------------------------------------------------------------
@@ -251,6 +256,7 @@ with _io.lock_folder(sys.argv[1], command="sam-optax compare (the first run)"):
 """
 
 
+@pytest.mark.slow
 def test_a_second_run_into_a_locked_folder_stops_at_once(tmp_path, capsys):
     holder = subprocess.Popen(
         [sys.executable, "-c", _HOLDER, str(tmp_path)], stdout=subprocess.PIPE, text=True, env=ENV

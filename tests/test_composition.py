@@ -106,6 +106,7 @@ def test_piece_before_rule_raises_with_clean_grads(name, jit):
         assert way in str(e.value)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("jit", [False, True])
 @pytest.mark.parametrize("name", list(ALLOWED))
 def test_transparent_wrappers_pass_the_check(name, jit):
@@ -226,6 +227,7 @@ def test_skip_nonfinite_finite_steps_equal_the_bare_rule():
     assert int(s.rule_state.rule_count) == int(ws.rule_count) == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("max_errors", [0, 1, 2])
 def test_skip_nonfinite_counters_mirror_optax_apply_if_finite(max_errors):
     # sam(sgd) on g_pert == sgd on g_pert: NaNs in g_pert only must give optax's trajectory on g_pert

@@ -52,6 +52,7 @@ RULES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(RULES))
 def test_reaches_accuracy_on_digits(name, digits):
     (xtr, ytr), (xte, yte) = digits

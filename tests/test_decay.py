@@ -68,11 +68,13 @@ def algorithm_2(alpha, lam, eta_fn, b1=0.9, b2=0.999, eps=1e-8, steps=STEPS):
     return theta
 
 
+@pytest.mark.slow
 def test_sgdw_is_algorithm_1():
     got = run(decay.sgdw(0.1, 0.9, weight_decay=0.02, schedule_multiplier=ETA))
     assert_trees_close(got, algorithm_1(0.1, 0.9, 0.02, ETA), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("eps", [1e-8, 1e-2])
 def test_adamw_is_algorithm_2(eps):
     # eps = 1e-2 is of the size of sqrt(v_hat) here, so its place (outside the square root,
@@ -84,6 +86,7 @@ def test_adamw_is_algorithm_2(eps):
         assert dist(got, inside) > 1e-3
 
 
+@pytest.mark.slow
 def test_adamw_equals_optax_adamw_with_converted_weight_decay():
     alpha, lam = 0.01, 0.03
     ours = run(decay.adamw(alpha, weight_decay=lam, schedule_multiplier=ETA))
@@ -117,6 +120,7 @@ def test_proposition_1_sgd_decoupled_decay_is_l2_with_lambda_over_alpha():
     assert dist(sgdw_m, l2_m) > 1e-4
 
 
+@pytest.mark.slow
 def test_proposition_2_adam_decoupled_decay_is_no_l2():
     alpha, lam = 0.01, 0.05
     adamw = run(decay.adamw(alpha, weight_decay=lam))
@@ -142,6 +146,7 @@ def test_proposition_2_adam_decoupled_decay_is_no_l2():
 # ---- composition with the SAM family, masks ---------------------------------------------
 
 
+@pytest.mark.slow
 def test_decay_chained_after_sam_rule_with_mask():
     alpha, lam, rho = 0.1, 0.05, 0.05
     tx = optax.chain(
@@ -206,6 +211,7 @@ def test_normalized_weight_decay_app_b1():
 # ---- jit, dtypes, injection, validation ---------------------------------------------------
 
 
+@pytest.mark.slow
 def test_compiles_once_across_restarts_and_keeps_bf16():
     params = make_params(dtype=jnp.bfloat16)
     tx = decay.adamw(1e-2, weight_decay=1e-2, schedule_multiplier=ETA, mask=decay.weight_decay_mask)

@@ -89,6 +89,7 @@ def test_a_zero_example_batch_is_a_clear_error(data, match):
         sam_optax.sharpness_aware_grad(loss_fn, geometry.l2(0.05), data)(P0, empty)
 
 
+@pytest.mark.slow
 def test_a_one_example_batch_is_sam_on_that_example():
     one = jax.tree.map(lambda x: x[:1], BATCH)
     a = sam_optax.sharpness_aware_grad(loss_fn, geometry.l2(0.05), shards(1, chunk_mode="scan"))(P0, one)
@@ -96,6 +97,7 @@ def test_a_one_example_batch_is_sam_on_that_example():
     assert_trees_close(a.perturbed_grads, b.perturbed_grads)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "make",
     [

@@ -35,6 +35,7 @@ G = jax.grad(loss_fn)(P0, BATCH)
 # ---- SWP ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("granularity", ["tensor", "coordinate"])
 @pytest.mark.parametrize("normalize", ["masked", "full"])
 def test_swp_beta1_is_the_wrapped_geometry(granularity, normalize):
@@ -78,6 +79,7 @@ def swp_draws(beta, granularity, normalize, n_masks=400):
     return eps, geometry.l2(RHO).update(g, optax.EmptyState())[0]
 
 
+@pytest.mark.slow
 def test_swp_coordinate_mask_rate_and_expected_perturbation():
     beta = 0.3
     eps, sam_eps = swp_draws(beta, "coordinate", "full")
@@ -104,6 +106,7 @@ def test_swp_tensor_mask_rate_and_expected_perturbation():
     assert rel < 0.15  # ~ sqrt((1-b)/(b 400)) = 0.05 per tensor, a few large tensors dominate
 
 
+@pytest.mark.slow
 def test_swp_masked_normalization_has_norm_rho_over_beta_and_is_biased():
     beta = 0.5
     eps, sam_eps = swp_draws(beta, "coordinate", "masked", n_masks=50)
@@ -181,6 +184,7 @@ def sds_by_hand(params, batch, gamma, rho, m=None):
     return tmap(lambda *xs: sum(xs) / len(xs), *gps)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("m", [None, 8])
 def test_sds_second_pass_runs_on_the_selected_examples(m):
     f = sam_optax.sharpness_aware_grad(
@@ -192,6 +196,7 @@ def test_sds_second_pass_runs_on_the_selected_examples(m):
     assert_trees_close(out.grads, g)
 
 
+@pytest.mark.slow
 def test_esam_beta1_gamma1_is_sam():
     geo = geometry.stochastic(geometry.l2(RHO), 1.0)
     f = sam_optax.sharpness_aware_grad(
@@ -213,6 +218,7 @@ def test_esam_beta1_gamma1_is_sam():
     assert_trees_close(a, b, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.multidevice
 def test_sds_under_shard_map_equals_per_chunk_reference():
     mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
     batch = make_batch(n=64)
@@ -233,12 +239,14 @@ def test_sds_needs_per_example_losses_and_no_microbatches():
         )
 
 
+@pytest.mark.slow
 def test_per_example_loss_without_selection_is_plain_sam():
     a = sam_optax.sharpness_aware_grad(per_example_loss, geometry.l2(RHO), data=sam_optax.data.shards(m=8))(P0, BATCH)
     b = sam_optax.sharpness_aware_grad(loss_fn, geometry.l2(RHO), data=sam_optax.data.shards(m=8))(P0, BATCH)
     assert_trees_close(a.perturbed_grads, b.perturbed_grads, rtol=1e-6, atol=1e-8)
 
 
+@pytest.mark.slow
 def test_esam_with_every_rule_and_geometry_runs_and_learns():
     data = batches(6)
     geo = geometry.stochastic(geometry.adaptive(0.5), 0.5)
@@ -255,6 +263,7 @@ def test_esam_with_every_rule_and_geometry_runs_and_learns():
 # ---- LookSAM --------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_looksam_k1_is_sam():
     a, _ = train(sam_optax.looksam(optax.sgd(0.1, momentum=0.9), k=1), geometry.l2(RHO), P0, batches(4))
     b, _ = train(sam_optax.sam(optax.sgd(0.1, momentum=0.9)), geometry.l2(RHO), P0, batches(4))
@@ -274,6 +283,7 @@ def test_looksam_reuse_steps_by_hand():
     assert_trees_close(got, w, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_looksam_skips_the_second_pass_at_run_time_without_recompiling():
     k, steps = 3, 6
     calls = []

@@ -37,6 +37,7 @@ def test_datasets_are_generated_locally_and_deterministically():
         experiments.load("cifar")
 
 
+@pytest.mark.slow
 def test_sharpness_aware_step_skips_looksam_reuse_steps_and_matches_the_explicit_loop():
     tx = sam_optax.looksam(optax.sgd(0.1, momentum=0.9), k=3)
     init, step = sam_optax.sharpness_aware_step(loss_fn, tx, geometry.l2(0.1))
@@ -50,6 +51,7 @@ def test_sharpness_aware_step_skips_looksam_reuse_steps_and_matches_the_explicit
     assert_trees_close(p, want, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_sharpness_aware_step_literal_second_pass_chosen_on_the_host_equals_the_cond():
     tx = lambda: sam_optax.looksam(optax.sgd(0.1, momentum=0.9), k=3)  # noqa: E731
     init, step = sam_optax.sharpness_aware_step(loss_fn, tx(), geometry.l2(0.1))
@@ -97,6 +99,7 @@ def recipe_run(name, hp, n=6, seed=0, data=None):
     return p, s, get, counts
 
 
+@pytest.mark.slow
 def test_periodic_recipe_counts_its_sam_steps_and_scales_rho_with_the_interval():
     _, _, _, counts = recipe_run("periodic", Hyper(periodic_every=3), n=7)
     assert counts == [0, 0, 1, 1, 1, 2, 2]  # SAM steps 3 and 6 (Composer's (t + 1) % every == 0)
@@ -112,6 +115,7 @@ def test_periodic_recipe_counts_its_sam_steps_and_scales_rho_with_the_interval()
     assert_trees_close(p1, p2, rtol=1e-6, atol=1e-7) and sam_counts == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_rst_recipe_counts_the_bernoulli_draws_of_the_run_seed():
     def by_hand(seed, n, p=0.5):
         key, flags = jax.random.key(seed), []
@@ -159,6 +163,7 @@ def test_msam_recipe_stores_the_perturbed_point_and_is_sgd_at_rho_0():
     np.testing.assert_allclose(float(tree_norm(jax.tree.map(lambda a, b: a - b, w, p))), 0.3, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_rwp_recipe_needs_a_key_is_sgd_at_sigma_0_and_is_reproducible():
     recipe = build_method("rwp", Hyper(), steps_per_epoch=4, epochs=2)
     assert recipe.needs_key and recipe.make_step is not None

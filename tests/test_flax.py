@@ -103,6 +103,7 @@ def shard_key(rng, first_example):
     return jax.random.fold_in(jax.random.fold_in(rng, first_example), 0)
 
 
+@pytest.mark.slow
 def test_linen_step_is_sam_with_clean_pass_batch_stats_and_shared_dropout_key():
     state = linen_state(sam_optax.sam(optax.sgd(LR)), geometry.l2(RHO))
     batch, rng = make_data(0), jax.random.PRNGKey(42)
@@ -118,6 +119,7 @@ def test_linen_step_is_sam_with_clean_pass_batch_stats_and_shared_dropout_key():
     assert tree_norm(tmap(jnp.subtract, other, want_params)) > 1e-3
 
 
+@pytest.mark.slow
 def test_linen_m_sharpness_ghost_batchnorm_and_per_shard_keys():
     state = linen_state(sam_optax.sam(optax.sgd(LR)), geometry.l2(RHO))
     batch, rng = make_data(1), jax.random.PRNGKey(7)
@@ -134,6 +136,7 @@ def test_linen_m_sharpness_ghost_batchnorm_and_per_shard_keys():
     assert np.abs(np.asarray(var(full_stats) - var(want_stats))).max() > 1e-4
 
 
+@pytest.mark.slow
 @pytest.mark.multidevice
 def test_linen_step_over_a_mesh_equals_chunks_on_one_device():
     if jax.device_count() < 8:
@@ -161,6 +164,7 @@ def run_linen(state, step, data, rngs):
     return state, metrics
 
 
+@pytest.mark.slow
 def test_linen_orbax_resume_is_bit_identical(tmp_path):
     sched = optax.cosine_decay_schedule(1e-2, 8)
     tx = sam_optax.wsam(optax.adam(sched), 0.9, learning_rate=sched)
@@ -220,6 +224,7 @@ def nnx_from_linen(state):
     return model
 
 
+@pytest.mark.slow
 def test_nnx_step_equals_the_linen_step_and_updates_batchnorm_once():
     def tx():
         return sam_optax.sam(optax.sgd(LR, momentum=0.9))
@@ -244,6 +249,7 @@ def test_nnx_step_equals_the_linen_step_and_updates_batchnorm_once():
     assert int(optimizer.step[...]) == 2
 
 
+@pytest.mark.slow
 def test_nnx_dropout_mask_shared_by_both_passes_and_rng_counts_advance_once():
     model = NNet(nnx.Rngs(0, dropout=1))
     batch = make_data(3)
@@ -284,6 +290,7 @@ def nnx_make(seed):
     return model, SharpnessAwareOptimizer(model, _NNX_TX, _NNX_GEO)
 
 
+@pytest.mark.slow
 def test_nnx_trains_and_orbax_resume_is_bit_identical(tmp_path):
     data = [make_data(30 + i) for i in range(6)]
     step = nnx_train_step(nnx_loss)
@@ -312,6 +319,7 @@ def test_nnx_trains_and_orbax_resume_is_bit_identical(tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.slow
 def test_linen_step_forwards_every_two_pass_option_esam_sds():
     """Options of sharpness_aware_grad reach the Linen helper (here ESAM's data selection)."""
     import flax.linen as nn
@@ -353,6 +361,7 @@ def _counting(loss, calls):
     return counted
 
 
+@pytest.mark.slow
 def test_linen_and_nnx_steps_skip_the_second_pass_of_a_scheduler():
     """periodic(sam, every=2): steps 1 and 3 run one pass and are base steps, 2 and 4 are SAM
     steps; "auto" equals literal flags step by step, NNX equals Linen, and passes are counted."""

@@ -159,6 +159,7 @@ def test_store_resumes_without_training_again(tmp_path, monkeypatch):
     frontier._measure_cost(saved, frontier.cost_config(saved, S))
 
 
+@pytest.mark.slow
 def test_tiny_real_run_then_report_only_and_cost_rows(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(frontier, "GRIDS", {"msam": ("msam_rho", (0.3,))})
     argv = ["--epochs", "1", "--samples", "500", "--seeds", "1", "--methods", "sgd", "msam", "--out", str(tmp_path)]

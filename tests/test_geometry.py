@@ -101,6 +101,7 @@ def test_fisher_eta0_is_sam():
     assert_trees_close(perturb(geometry.fisher(0.1, eta=0.0)), perturb(geometry.l2(0.1)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(ALL_GEOMETRIES))
 def test_zero_gradient_gives_zero_perturbation(name):
     geo = ALL_GEOMETRIES[name](0.1)
@@ -181,6 +182,7 @@ def random_tree(shape_list, seed):
     return g, w
 
 
+@pytest.mark.slow
 @settings(max_examples=10, deadline=None)
 @given(shapes, st.integers(0, 10_000), st.floats(0.01, 2.0), st.sampled_from(sorted(ALL_GEOMETRIES)))
 def test_property_norm_is_rho(shape_list, seed, rho, name):
@@ -190,6 +192,7 @@ def test_property_norm_is_rho(shape_list, seed, rho, name):
     np.testing.assert_allclose(geo.norm(eps, g, w), rho, rtol=2e-4)
 
 
+@pytest.mark.slow
 @settings(max_examples=12, deadline=None)
 @given(shapes, st.integers(0, 10_000), st.floats(0.01, 2.0), st.floats(0.01, 3.0))
 def test_property_identities(shape_list, seed, rho, eta):
@@ -220,6 +223,7 @@ INJECTABLE = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("static", [False, True])
 @pytest.mark.parametrize("name", sorted(INJECTABLE))
 def test_inject_hyperparams_matches_the_plain_factory(name, static):
@@ -239,6 +243,7 @@ def test_inject_hyperparams_matches_the_plain_factory(name, static):
     assert_trees_close(eps, want, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("static", [False, True])
 def test_inject_hyperparams_looksam_k_and_alpha(static):
     import sam_optax

@@ -32,6 +32,7 @@ def np_alpha(h_self, h_other, a=0.4, c=500.0):
     return a / np.pi * np.arctan(c * (h_self - h_other)) + 0.5
 
 
+@pytest.mark.slow
 def test_weight_entropy_matches_histogram():
     x = jax.random.normal(jax.random.PRNGKey(0), (40, 25))
     np.testing.assert_allclose(averaging.weight_entropy(x), np_entropy(x), rtol=1e-5)
@@ -104,6 +105,7 @@ def test_difflr_learning_rates():
     np.testing.assert_allclose(lrs, [0.1 * (1 + np.cos(np.pi * (3 - i) / 3)) / 2 for i in (1, 2, 3)], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_filter_grafting_trains_k_sam_networks_and_grafts_every_n_steps():
     k, every, steps, a, c = 3, 2, 4, 0.4, 50.0
     lrs = averaging.grafting_learning_rates(0.2, k)

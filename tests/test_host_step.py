@@ -44,6 +44,7 @@ def both(make_tx, n):
     return (p, s), (q, t), ran, len(calls)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "name", ["periodic", "randomized", "late_phase", "looksam", "adaptive_policy", "adaptive_looksam"]
 )

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+import pytest
 
 import sam_optax
 from helpers import assert_trees_close, batches, loss_fn, make_params, train
@@ -44,6 +45,7 @@ class BNNet(nn.Module):
         return nn.Dense(3)(nn.relu(x))
 
 
+@pytest.mark.slow
 def test_linen_batchnorm_statistics_advance_once_per_step():
     model = BNNet()
     x = jax.random.normal(jax.random.PRNGKey(0), (16, 5))
@@ -72,6 +74,7 @@ def test_linen_batchnorm_statistics_advance_once_per_step():
     assert not np.allclose(out.grads["Dense_0"]["kernel"], out.perturbed_grads["Dense_0"]["kernel"])
 
 
+@pytest.mark.slow
 def test_checkpoint_restore_continues_the_identical_trajectory(tmp_path):
     sched = optax.cosine_decay_schedule(1e-2, 8)
     geo = geometry.l2(optax.linear_schedule(0.02, 0.1, 8))

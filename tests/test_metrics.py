@@ -114,6 +114,7 @@ def test_eigenvalue_ratio_lambda_max_over_lambda_5():
     np.testing.assert_allclose(r.ratio, 5.0, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_spectral_density_is_the_smoothed_exact_spectrum():
     sigma = 0.2
     grid = jnp.linspace(-2.0, 12.0, 1401)
@@ -226,6 +227,7 @@ def test_hvp_equals_jax_hessian_on_mlp():
     np.testing.assert_allclose(flat(hv), h @ np.asarray(flat(v)), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_spectrum_of_mlp_matches_eigvalsh():
     eig = np.linalg.eigvalsh(mlp_hessian())
     n = eig.size
@@ -248,6 +250,7 @@ def test_spectrum_of_mlp_matches_eigvalsh():
 # --------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.multidevice
 def test_hessian_metrics_under_shard_map_equal_single_device():
     if jax.device_count() < 8:
@@ -306,6 +309,7 @@ def sharpness_by_hand(params, batch, rho, m):
     return float(np.mean([_chunk_sharpness(params, c, rho) for c in chunks]))
 
 
+@pytest.mark.slow
 def test_m_sharpness_first_order_equals_hand_computation_per_shard():
     rho = 0.1
     vals = {}
@@ -364,6 +368,7 @@ def test_m_sharpness_over_a_mesh_equals_per_device_chunks():
     np.testing.assert_allclose(out.sharpness, sharpness_by_hand(MLP, batch, 0.1, 4), rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_m_sharpness_reuses_sharpness_aware_grad():
     """The value is the training machinery's perturbed_loss - loss, scheduled rho included."""
     geo = geometry.l2(lambda count: 0.05 + 0.01 * count)

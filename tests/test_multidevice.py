@@ -32,6 +32,7 @@ def auto_mesh():
     return jax.make_mesh((NDEV,), ("data",), axis_types=(AxisType.Auto,))
 
 
+@pytest.mark.slow
 def test_naive_shard_map_body_is_the_trap_and_ours_is_not():
     """Documents the check_vma trap our helper avoids: the naive body gives 8x global SAM."""
     mesh = auto_mesh()
@@ -49,6 +50,7 @@ def test_naive_shard_map_body_is_the_trap_and_ours_is_not():
     assert_trees_close(ours.perturbed_grads, gp_loop)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("explicit", [False, True])
 def test_helper_mesh_equals_per_chunk_loop(explicit):
     mesh = jax.make_mesh((NDEV,), ("data",)) if explicit else auto_mesh()
@@ -69,6 +71,7 @@ def test_users_own_shard_map_with_axis_name():
     assert_trees_close(out.perturbed_grads, gp)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("check_vma", [True, False])
 def test_check_vma_either_way(check_vma):
     mesh = auto_mesh()
@@ -81,6 +84,7 @@ def test_check_vma_either_way(check_vma):
     assert_trees_close(out.perturbed_grads, ref.perturbed_grads)
 
 
+@pytest.mark.slow
 def test_pmap_path():
     f = sam_optax.sharpness_aware_grad(loss_fn, geometry.l2(RHO), data=sam_optax.data.shards(axis_name="data"))
     per_device = jax.tree.map(lambda x: x.reshape((NDEV, -1) + x.shape[1:]), BATCH)
@@ -90,6 +94,7 @@ def test_pmap_path():
     assert_trees_close(tmap(lambda x: x[7], out.perturbed_grads), gp)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["vmap", "scan", "unroll"])
 def test_chunks_inside_devices(mode):
     out = sam_optax.sharpness_aware_grad(
@@ -100,6 +105,7 @@ def test_chunks_inside_devices(mode):
     assert_trees_close(out.perturbed_grads, gp)
 
 
+@pytest.mark.slow
 def test_chunked_vmap_on_one_device_equals_shard_map():
     a = sam_optax.sharpness_aware_grad(loss_fn, geometry.adaptive(0.5), data=sam_optax.data.shards(m=8))(P0, BATCH)
     b = sam_optax.sharpness_aware_grad(loss_fn, geometry.adaptive(0.5), data=sam_optax.data.shards(mesh=auto_mesh()))(
@@ -131,6 +137,7 @@ def test_mesh_axis_validation():
     assert_trees_close(out.perturbed_grads, gp)
 
 
+@pytest.mark.slow
 def test_training_under_mesh_equals_single_device_chunks():
     batches = [make_batch(seed=s, n=64) for s in range(3)]
 
@@ -168,6 +175,7 @@ def esam_looksam_by_hand(batches, beta, gamma, k, alpha=0.7, lr=0.1, momentum=0.
     return w
 
 
+@pytest.mark.slow
 def test_esam_and_looksam_under_shard_map_equal_per_chunk_reference():
     """SWP (same mask on every shard), SDS per device, and LookSAM's lax.cond inside shard_map,
     against the per-chunk loop written out by hand; chunks on one device give the same."""

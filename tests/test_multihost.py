@@ -68,6 +68,7 @@ def load(out, name, process):
     return [got[str(i)] for i in range(len(got.files))]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", RUNS)
 def test_two_processes_equal_one_process_with_the_same_devices(name, two_process_results):
     if jax.device_count() < 4:
@@ -81,6 +82,7 @@ def test_two_processes_equal_one_process_with_the_same_devices(name, two_process
             np.testing.assert_allclose(g, np.asarray(x), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_per_device_perturbations_differ_from_global_sam(two_process_results):
     if jax.device_count() < 4:
         pytest.skip("needs 4 local devices for the reference")

@@ -14,6 +14,7 @@ def test_there_are_notebooks():
     assert len(NOTEBOOKS) >= 4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_runs(path, tmp_path):
     nb = nbformat.read(path, as_version=4)

@@ -75,6 +75,7 @@ print(json.dumps({
 """
 
 
+@pytest.mark.slow
 def test_import_and_a_sam_step_without_the_optional_dependencies():
     got = run_python(BLOCK + LIBRARY_WITHOUT_EXTRAS % (OPTIONAL,))
     # SAM by hand: g = w = (3, 4), eps = 0.05 g / 5, w1 = w - 0.1 (w + eps) (plain SGD: 2.7, 3.6)
@@ -135,6 +136,7 @@ def test_cli_without_the_extras_helps_and_names_the_extra_to_install(tmp_path):
 # --------------------------------------------------------------------------- the import graph
 
 
+@pytest.mark.slow
 def test_import_sam_optax_loads_neither_the_harness_nor_the_extras():
     """With every extra installed, ``import sam_optax`` still loads only the library."""
     code = "import json, sys, sam_optax\nprint(json.dumps(sorted(sys.modules)))"

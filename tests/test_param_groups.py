@@ -81,6 +81,7 @@ def test_grouped_l2_norm_is_one_on_the_ellipsoid():
     )
 
 
+@pytest.mark.slow
 def test_grouped_l2_multistep_with_equal_radii_is_l2_multistep():
     data = batches(2, seed=5)
     tx = sam_optax.sam(optax.sgd(0.1))
@@ -144,6 +145,7 @@ def _norm_net():
     return params, jax.grad(loss)(params)
 
 
+@pytest.mark.slow
 def test_norm_layer_mask_marks_scale_and_bias_of_norm_layers_only():
     params, _ = _norm_net()
     mask = geometry.norm_layer_mask(params)

@@ -497,6 +497,7 @@ def _ids(args):
     return st.sampled_from(args)
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(arg=_ids(GEOMETRY), value=VALUES)
 def test_geometries(arg, value):
@@ -513,6 +514,7 @@ def test_geometries_on_empty_and_zero_size_trees(arg, value, tree):
     check(arg, value, tree)
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(arg=_ids(RULES), value=VALUES)
 def test_rules(arg, value):

@@ -3,6 +3,8 @@
 import pathlib
 import re
 
+import pytest
+
 README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
 
 
@@ -10,6 +12,7 @@ def python_blocks():
     return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
 
 
+@pytest.mark.slow
 def test_readme_examples_run():
     blocks = python_blocks()
     assert len(blocks) >= 2
@@ -36,6 +39,7 @@ def section_blocks(heading):
     return re.findall(r"```python\n(.*?)```", text[start : end if end >= 0 else None], flags=re.S)
 
 
+@pytest.mark.slow
 def test_readme_looksam_example_runs():
     blocks = python_blocks()
     ns = {}
@@ -49,6 +53,7 @@ def test_readme_looksam_example_runs():
     assert ns["train_step"]._cache_size() == 1
 
 
+@pytest.mark.slow
 def test_readme_decay_and_averaging_example_runs():
     block = next(b for b in python_blocks() if "averaging.swa(" in b)
     ns = {}
@@ -59,6 +64,7 @@ def test_readme_decay_and_averaging_example_runs():
     assert ns["slow_weights"]["w"].shape == (4, 3)
 
 
+@pytest.mark.slow
 def test_readme_metrics_and_flax_examples_run():
     import jax
     import numpy as np
@@ -118,6 +124,7 @@ def test_readme_claims_tables_are_the_saved_runs():
     assert text[text.index(mod.START) + len(mod.START) : text.index(mod.END)].strip() == want.strip()
 
 
+@pytest.mark.slow
 def test_readme_one_object_and_param_groups_section_runs():
     """The one-object form, grouped_l2 and SAM-ON example: runs, and SAM-ON perturbs only
     the normalization layer with norm rho."""

@@ -82,6 +82,7 @@ def test_sam_adam_schedule_by_hand():
     assert_trees_close(got, hand_adam(lambda g, gp, w, t: gp, LR_SCHED), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("gamma", [0.6, 0.9])
 def test_wsam_decoupled_adam_by_hand(gamma):
     alpha = gamma / (1 - gamma)
@@ -106,6 +107,7 @@ def test_wsam_decoupled_momentum_by_hand():
     assert_trees_close(got, want)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("gamma", [0.3, 0.8])
 def test_wsam_coupled_adam_by_hand(gamma):
     tx = sam_optax.wsam(optax.adam(LR_SCHED), gamma, decouple=False)
@@ -163,6 +165,7 @@ def test_max_norm_clips_both_gradients():
 # ---- identities ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("decouple", [True, False])
 def test_wsam_gamma0_is_base(decouple):
     base = optax.adam(1e-2)
@@ -174,6 +177,7 @@ def test_wsam_gamma0_is_base(decouple):
     assert_trees_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_coupled_wsam_half_is_sam():
     base = optax.adam(1e-2)
     a, _ = train(sam_optax.wsam(base, 0.5, decouple=False), geometry.l2(RHO), P0, BATCHES)
@@ -181,6 +185,7 @@ def test_coupled_wsam_half_is_sam():
     assert_trees_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_decoupled_equals_coupled_for_plain_sgd():
     lr = optax.exponential_decay(0.2, 1, 0.7)
     a, _ = train(sam_optax.wsam(optax.sgd(lr), 0.85, learning_rate=lr), geometry.l2(RHO), P0, BATCHES)
@@ -188,6 +193,7 @@ def test_decoupled_equals_coupled_for_plain_sgd():
     assert_trees_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_gsam_alpha0_constant_rho_is_sam():
     lr = optax.linear_schedule(0.1, 0.01, STEPS)
     rho = sam_optax.gsam_rho_schedule(lr, rho_max=RHO, rho_min=RHO, lr_max=0.1, lr_min=0.01)
@@ -196,6 +202,7 @@ def test_gsam_alpha0_constant_rho_is_sam():
     assert_trees_close(a, b, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rule", ["sam", "wsam", "gsam"])
 def test_fisher_eta0_equals_l2_for_every_rule(rule):
     make = {
@@ -263,6 +270,7 @@ def test_decoupled_wsam_reads_lr_of_injected_base():
     assert_trees_close(a, b, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_multi_steps_base_accumulates_per_microbatch_sam():
     """sam(MultiSteps(base, k)) over k micro-batches == SAM with m = micro-batch on the whole batch."""
     k, micro = 4, 8
@@ -343,6 +351,7 @@ def _trees(shape_list, seed):
     return mk(0), mk(1), mk(2)
 
 
+@pytest.mark.slow
 @settings(max_examples=12, deadline=None)
 @given(_shapes, st.integers(0, 10_000), st.floats(0.0, 0.95), st.floats(0.001, 1.0))
 def test_property_rule_identities(shape_list, seed, gamma, lr):

@@ -64,6 +64,7 @@ def reference(kind):
     return w
 
 
+@pytest.mark.slow
 def test_periodic_1_and_randomized_p1_equal_sam():
     base = lambda: sam_optax.sam(optax.sgd(LR, momentum=0.9))  # noqa: E731
     for tx in (sam_optax.periodic(base(), every=1), sam_optax.randomized(base(), p=1.0, seed=3)):
@@ -363,6 +364,7 @@ def test_late_phase_equals_a_hand_rolled_loop_and_runs_one_pass_before_the_switc
     assert int(s.opt_state.schedule_count) == 6 and bool(s.opt_state.sam_step_next)
 
 
+@pytest.mark.slow
 def test_late_phase_0_is_sam_and_past_the_end_is_the_base_optimizer():
     base = lambda: sam_optax.sam(optax.sgd(LR, momentum=0.9))  # noqa: E731
     for start, kind in ((0, "sam"), (100, "base")):
@@ -437,6 +439,7 @@ def test_adaptive_looksam_equals_a_hand_rolled_loop():
     assert_trees_close(p, w, rtol=2e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_adaptive_looksam_infinite_thresholds_are_sam_and_the_base():
     """c = -inf: every step is a SAM step (LookSAM with k = 1 = SAM), 2 passes; c = +inf:
     no SAM step, so no stored direction (0): every step is the base step on g, 1 pass."""

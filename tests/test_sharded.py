@@ -124,6 +124,7 @@ def put(tree, mesh, specs):
 # --------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("explicit", [False, True], ids=["auto", "explicit"])
 @pytest.mark.parametrize("m,mode", [(None, "vmap"), (4, "vmap"), (4, "scan"), (4, "unroll")])
 def test_mesh_keeps_tensor_parallel_params_sharded(explicit, m, mode):
@@ -158,6 +159,7 @@ def test_explicit_mesh_with_replicated_params_and_unsharded_batch():
 # --------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("explicit", [False, True], ids=["auto-set_mesh", "explicit"])
 @pytest.mark.parametrize("mode", ["vmap", "scan", "unroll"])
 def test_chunks_over_a_jit_sharded_batch_stay_on_their_devices(explicit, mode):
@@ -187,6 +189,7 @@ def test_chunks_that_would_straddle_devices_are_a_value_error():
 # --------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("explicit", [False, True], ids=["auto", "explicit"])
 def test_global_sam_keeps_fsdp_params_sharded(explicit):
     mesh = make_mesh(explicit, (8,), ("data",))
@@ -238,6 +241,7 @@ def run_steps(step, params, state, batches):
     return params, state
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("explicit", [False, True], ids=["auto", "explicit"])
 def test_sharpness_aware_step_compiles_once_on_a_mesh(explicit):
     mesh, init, step, batches = tp_setup(explicit)
@@ -251,6 +255,7 @@ def test_sharpness_aware_step_compiles_once_on_a_mesh(explicit):
     assert_sharded_like(optax.tree.get(state.opt_state, "mu"), params)  # Adam's moments sharded like the params
 
 
+@pytest.mark.slow
 def test_orbax_restore_onto_the_mesh_resumes_bit_identically(tmp_path):
     mesh, init, step, batches = tp_setup(False)
     params0 = distributed.place(put(mlp_params(), mesh, TP_SPECS), mesh)
@@ -273,6 +278,7 @@ def test_orbax_restore_onto_the_mesh_resumes_bit_identically(tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.slow
 def test_linen_and_nnx_steps_compile_once_on_a_mesh_and_restore_onto_it(tmp_path):
     import flax.linen as nn
     from flax import nnx
@@ -350,6 +356,7 @@ def test_place_and_abstract_like():
         distributed.place(params, "data")
 
 
+@pytest.mark.slow
 def test_sharded_params_example_runs():
     env = dict(os.environ, PYTHONPATH=str(EXAMPLE.parent.parent))
     res = subprocess.run(

@@ -32,6 +32,7 @@ def result(swap):
     return swap.run(mesh=True, **SMALL)
 
 
+@pytest.mark.slow
 @pytest.mark.multidevice
 def test_swap_average_is_the_mean_of_independent_replicas(result):
     rp = result["replica_params"]

@@ -35,6 +35,7 @@ def _geo(normalize="masked", granularity="tensor"):
     return geometry.stochastic(geometry.l2(0.1), 0.5, normalize=normalize, granularity=granularity, seed=3)
 
 
+@pytest.mark.slow
 def test_skip_weight_grads_is_masked_gradient():
     params, batch = _mlp_params(jax.random.PRNGKey(0)), _batch()
 
@@ -70,6 +71,7 @@ def test_skipped_kernel_gradient_is_not_computed():
     assert np.isinf(np.asarray(jax.grad(swp.skip_weight_grads(loss, on))(p, x)["k"])).any()
 
 
+@pytest.mark.slow
 def test_conv_kernel_skipped_and_exact():
     k1, k2 = jax.random.split(jax.random.PRNGKey(2))
     p = {"c": jax.random.normal(k1, (3, 3, 2, 4)), "d": jax.random.normal(k2, (4, 2))}
@@ -111,6 +113,7 @@ def test_keep_bits_are_the_geometry_masks():
     assert len(seen) > 1  # the masks change from step to step
 
 
+@pytest.mark.slow
 def test_same_update_as_todays_swp():
     params, batch = _mlp_params(jax.random.PRNGKey(0)), _batch()
     data = sam_optax.data.shards(selection=sam_optax.data.sharpness_sensitive(0.5))
@@ -135,6 +138,7 @@ def test_same_update_as_todays_swp():
     assert 0 < skipped < 4 * 5  # some tensors were masked out, not all
 
 
+@pytest.mark.slow
 def test_rules_reading_the_clean_gradient_are_rejected():
     params, batch = _mlp_params(jax.random.PRNGKey(0)), _batch()
     base = optax.sgd(0.1)

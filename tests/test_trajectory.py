@@ -97,6 +97,7 @@ SAF_CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(SAF_CASES))
 def test_saf_matches_a_float64_hand_loop(case):
     make_tx, scale, slots = SAF_CASES[case]
@@ -133,6 +134,7 @@ def test_saf_matches_a_float64_hand_loop(case):
     assert tree_norm(tmap(lambda a, b: a - b, base[-1][0], want[-1][0])) > 1e-3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scale", ["code", "paper"])
 def test_kl_gradient_identity_on_the_logits(scale):
     weight, tau = 0.3, 5.0
@@ -169,6 +171,7 @@ def plain_run(tx, steps):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["saf weight 0", "saf before start", "mesa decay 0"])
 def test_identities_with_the_base_optimizer(which):
     def tx():
@@ -301,6 +304,7 @@ class Lin(nn.Module):
         return nn.Dense(C)(x)
 
 
+@pytest.mark.slow
 def test_linen_saf_through_linen_train_step_equals_the_plain_step():
     """SAF with SAM at rho = 0 (the perturbed gradient is the clean one) through the
     Linen step: targets prepared into the batch, logits returned as a metric, recorded after."""
@@ -338,6 +342,7 @@ class NLin(nnx.Module):
         return self.l(x)
 
 
+@pytest.mark.slow
 def test_nnx_mesa_through_nnx_train_step_equals_the_plain_step():
     model, lr = NLin(nnx.Rngs(0)), 0.3
     graphdef, params0 = nnx.split(model, nnx.Param)

@@ -36,6 +36,7 @@ def test_global_sam_matches_hand():
     assert out.aux is None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("m", [4, 8, 16])
 @pytest.mark.parametrize("mode", ["vmap", "scan", "unroll"])
 def test_m_sharpness_chunks_match_per_chunk_loop(m, mode):
@@ -56,6 +57,7 @@ def test_m_equal_batch_is_global_sam():
     assert_trees_close(a.perturbed_grads, b.perturbed_grads, rtol=0, atol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["vmap", "scan"])
 def test_microbatches_inside_a_shard_share_one_perturbation(mode):
     out = sam_optax.sharpness_aware_grad(
@@ -87,6 +89,7 @@ def test_multi_step_ascent_by_hand():
     assert float(tree_norm(eps)) <= RHO * (1 + 1e-6)
 
 
+@pytest.mark.slow
 def test_one_ascent_step_of_full_size_is_sam_and_more_steps_stay_in_ball():
     a = sam_optax.sharpness_aware_grad(loss_fn, geometry.l2(RHO), ascent_steps=1)(P0, BATCH)
     b = sam_optax.sharpness_aware_grad(loss_fn, geometry.l2(RHO))(P0, BATCH)
@@ -133,6 +136,7 @@ def test_l2_term_in_the_loss_is_the_original_jax_behaviour():
     assert_trees_close(out.perturbed_grads, gp)
 
 
+@pytest.mark.slow
 def test_extra_args_are_passed_to_every_shard():
     def weighted(params, batch, temperature):
         return loss_fn(params, batch) * temperature
@@ -190,6 +194,7 @@ def test_stateful_geometry_requires_state():
         f(P0, BATCH)
 
 
+@pytest.mark.slow
 def test_rho_schedule_advances_and_no_recompile_after_step_one():
     sched = optax.linear_schedule(0.01, 0.2, 5)
     geo = geometry.l2(sched)
