@@ -8,6 +8,8 @@ import numpy as np
 
 
 class Dataset(NamedTuple):
+    """A classification data set: train and test splits as numpy arrays, and the clean train labels."""
+
     name: str
     x_train: np.ndarray  # float32 [n, features]
     y_train: np.ndarray  # int32 [n] (possibly noisy)

@@ -401,6 +401,7 @@ def _scheduled(name, hp, rule, sa, total, seed) -> Recipe:
     return Recipe(tx, geometry.l2(hp.rho), sa, False, _last)
 
 
+#: The method names that :func:`build_method` (and ``sam-optax compare --methods``) accept.
 METHODS = (
     "sgd",
     "sam",

@@ -6,6 +6,8 @@ import flax.linen as nn
 
 
 class MLP(nn.Module):
+    """A two-hidden-layer ReLU perceptron."""
+
     hidden: int = 256
     num_classes: int = 10
 
@@ -32,6 +34,7 @@ class CNN1D(nn.Module):
 
 
 def make_model(name: str, num_classes: int = 10) -> nn.Module:
+    """The model called ``name`` (``"mlp"`` or ``"cnn"``) with ``num_classes`` outputs."""
     if name == "mlp":
         return MLP(num_classes=num_classes)
     if name == "cnn":
@@ -40,6 +43,7 @@ def make_model(name: str, num_classes: int = 10) -> nn.Module:
 
 
 def logits_fn(model: nn.Module):
+    """``f(params, x)``: the logits of ``model`` at ``params`` (no mutable collections)."""
     return lambda params, x: model.apply({"params": params}, x)
 
 

@@ -23,6 +23,8 @@ from sam_optax.train import resolve_second_pass
 
 @dataclasses.dataclass
 class RunResult:
+    """One method's run: final test accuracy, train loss, ``lambda_max``, speed and the accuracy curve."""
+
     method: str
     seed: int
     test_accuracy: float
