@@ -102,9 +102,14 @@ def _dataset(noise: float, seed: int, validation: bool):
     from sam_optax.experiments import datasets
 
     data = datasets.load("mnist1d", seed=seed, label_noise=noise, num_samples=SAMPLES)
-    if not validation:
-        return data
-    n = len(data.x_train) - 640
+    return validation_split(data, 640) if validation else data
+
+
+def validation_split(data, size: int):
+    """``data`` with its last ``size`` training examples as the test set (their clean labels)."""
+    from sam_optax.experiments import datasets
+
+    n = len(data.x_train) - size
     return datasets.Dataset(
         data.name,
         data.x_train[:n],

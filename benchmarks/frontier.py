@@ -258,16 +258,7 @@ def _dataset(samples: int, validation: bool):
     data = _DATA[samples]
     if not validation:
         return data
-    n = len(data.x_train) - min(VALIDATION, len(data.x_train) // 5)
-    return datasets.Dataset(
-        data.name,
-        data.x_train[:n],
-        data.y_train[:n],
-        data.x_train[n:],
-        data.y_train_clean[n:],
-        data.num_classes,
-        data.y_train_clean[:n],
-    )
+    return claims.validation_split(data, min(VALIDATION, len(data.x_train) // 5))
 
 
 def _run(store, config, bar):
