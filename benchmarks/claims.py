@@ -30,7 +30,7 @@ generation (each data set is generated once per process).
 
 Every finished run is appended to ``runs.jsonl``; a rerun skips it. The report goes to
 ``benchmarks/results/claims/`` (``summary.json``, ``report.md``, PNG plots) and, with
-``--write-readme``, into the README between its markers.
+``--write-docs``, into docs/benchmarks/claims.md between its markers.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ import time
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 OUT = ROOT / "benchmarks" / "results" / "claims"
+PAGE = ROOT / "docs" / "benchmarks" / "claims.md"
 START, END = "<!-- claims:start -->", "<!-- claims:end -->"
 
 EPOCHS, BATCH, MODEL, SAMPLES = 30, 128, "cnn", 4000
@@ -449,7 +450,7 @@ def plots(stats, out: pathlib.Path):
         plt.close(fig)
 
 
-def write_report(store, seeds, write_readme: bool):
+def write_report(store, seeds, write_docs: bool):
     from sam_optax.experiments import _io
 
     stats = collect(store, seeds)
@@ -457,11 +458,11 @@ def write_report(store, seeds, write_readme: bool):
     text = report_markdown(stats, seeds)
     _io.atomic_write(str(OUT / "report.md"), lambda f: f.write(text + "\n"))
     plots(stats, OUT)
-    if write_readme:
-        readme = ROOT / "README.md"
-        s = readme.read_text()
-        i, j = s.index(START) + len(START), s.index(END)
-        _io.atomic_write(str(readme), lambda f: f.write(s[:i] + "\n" + text + "\n" + s[j:]))
+    if write_docs:
+        sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+        import _pages
+
+        _pages.write_block(PAGE, START, END, text)
     return text
 
 
@@ -469,7 +470,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=3, help="seeds per cell (>= 1)")
     parser.add_argument("--report", action="store_true", help="only rebuild the report from saved runs")
-    parser.add_argument("--write-readme", action="store_true", help="also replace the README's claims block")
+    parser.add_argument("--write-docs", action="store_true", help="also replace the block in docs/benchmarks/claims.md")
     args = parser.parse_args(argv)
     if args.seeds < 1:
         parser.error("--seeds must be >= 1")
@@ -493,7 +494,7 @@ def main(argv=None) -> int:
                 _run(store, c, bar)
         store.keep_only(search_configs() + more + configs)
         print(f"done in {(time.perf_counter() - t0) / 60:.1f} min", file=sys.stderr)
-    print(write_report(store, args.seeds, args.write_readme))
+    print(write_report(store, args.seeds, args.write_docs))
     return 0
 
 

@@ -2,7 +2,7 @@
 
     python benchmarks/frontier.py                  # runs what is missing, then writes the report
     python benchmarks/frontier.py --report         # only rebuild the tables and the plot from saved runs
-    python benchmarks/frontier.py --write-readme   # also the README block between the frontier markers
+    python benchmarks/frontier.py --write-docs     # also the block in docs/benchmarks/frontier.md
     python benchmarks/frontier.py --epochs 1 --seeds 1 --methods sgd sam msam --skip-cost   # a smoke run
 
 Setup (benchmarks/claims.py's): MNIST-1D generated locally (4000 samples, 3200 train / 800 test),
@@ -65,6 +65,7 @@ import claims  # noqa: E402  (the claims' setup and resumable store)
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 OUT = ROOT / "benchmarks" / "results" / "frontier"
+PAGE = ROOT / "docs" / "benchmarks" / "frontier.md"
 START, END = "<!-- frontier:start -->", "<!-- frontier:end -->"
 EPOCHS, BATCH, MODEL, SAMPLES = claims.EPOCHS, claims.BATCH, claims.MODEL, claims.SAMPLES
 VALIDATION = 640  # the last training examples, as claims.py
@@ -592,6 +593,13 @@ def _num(x, spec=".2f"):
     return "-" if x is None else format(x, spec)
 
 
+def _machine(m: dict | None) -> str:
+    """Where the cost was timed, as the cost run recorded it (``""`` when it recorded nothing)."""
+    if not m or "platform" not in m:
+        return ""
+    return f", on a {m['cpu_count']}-core {m['backend'].upper()} machine: {m['platform']}, jax {m['jax']}"
+
+
 def report_markdown(summary: dict) -> str:
     s = summary["settings"]
     rows = summary["rows"]
@@ -603,7 +611,7 @@ def report_markdown(summary: dict) -> str:
         f"(`python benchmarks/frontier.py`, results in `benchmarks/results/frontier/`). Cost: the step's time "
         f"as a ratio to the SGD step"
         + (
-            " (interleaved timing in one process, XLA on one CPU thread)"
+            f" (interleaved timing in one process, XLA on one CPU thread{_machine(summary.get('cost_machine'))})"
             if source == {"interleaved"}
             else " (from the training runs' steps/s, not interleaved: no cost timing saved)"
         )
@@ -713,7 +721,7 @@ def plot(summary: dict, path: str) -> None:
         plt.close(fig)
 
 
-def write_report(store, s: Settings, out: pathlib.Path, write_readme: bool, readme: pathlib.Path) -> str:
+def write_report(store, s: Settings, out: pathlib.Path, write_page: bool, page: pathlib.Path = PAGE) -> str:
     from sam_optax.experiments import _io
 
     summary = collect(store, s)
@@ -721,13 +729,10 @@ def write_report(store, s: Settings, out: pathlib.Path, write_readme: bool, read
     text = report_markdown(summary)
     _io.atomic_write(str(out / "report.md"), lambda f: f.write(text + "\n"))
     plot(summary, str(out / "frontier.png"))
-    if write_readme:
-        body = readme.read_text()
-        if START in body and END in body and body.index(START) < body.index(END):
-            i, j = body.index(START) + len(START), body.index(END)
-            _io.atomic_write(str(readme), lambda f: f.write(body[:i] + "\n" + text + "\n" + body[j:]))
-        else:
-            print(f"{readme} has no {START} ... {END} markers: the README was not written", file=sys.stderr)
+    if write_page:
+        import _pages
+
+        _pages.write_block(page, START, END, text)
     return text
 
 
@@ -761,7 +766,7 @@ def main(argv=None) -> int:
             print("cost: timing every step in a separate process (one XLA thread) ...", file=sys.stderr, flush=True)
             _measure_cost(store, cost_config(store, s))
         print(f"done in {(time.perf_counter() - t0) / 60:.1f} min", file=sys.stderr)
-    print(write_report(store, s, out, args.write_readme, readme=ROOT / "README.md"))
+    print(write_report(store, s, out, args.write_docs))
     return 0
 
 
@@ -794,9 +799,9 @@ def _parser() -> argparse.ArgumentParser:
         help="consecutive steps per method per round (a multiple of 10 covers whole periods)",
     )
     p.add_argument(
-        "--write-readme",
+        "--write-docs",
         action="store_true",
-        help=f"also write the table into README.md between {START} and {END} (only if both are there)",
+        help=f"also write the table into {PAGE.relative_to(ROOT)} between {START} and {END}",
     )
     p.add_argument("--out", default=str(OUT), help="results folder (default benchmarks/results/frontier)")
     p.add_argument("--cost-worker", nargs=2, metavar=("CONFIG", "RESULT"), help=argparse.SUPPRESS)

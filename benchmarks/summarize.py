@@ -1,19 +1,24 @@
-"""Markdown summary of a step-cost benchmark results JSON (CPU or GPU), as it appears in the README.
+"""Markdown summary of a step-cost benchmark results JSON (CPU or GPU), as docs/benchmarks/step_cost.md shows it.
 
     python benchmarks/summarize.py                                  # the CPU results, printed
-    python benchmarks/summarize.py --write-readme                   # replace the block between the README's markers
+    python benchmarks/summarize.py --write-docs                     # replace the block in docs/benchmarks/step_cost.md
     python benchmarks/summarize.py benchmarks/results/step_cost_gpu.json --out benchmarks/results/step_cost_gpu.md
 
-tests/test_readme.py checks that the README block equals this script's output for the committed
-CPU results.
+tests/test_benchmark_pages.py checks that the page's block equals this script's output for the
+committed CPU results.
 """
 
 import argparse
 import json
 import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import _pages  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "step_cost_cpu.json"
+PAGE = ROOT / "docs" / "benchmarks" / "step_cost.md"
 START, END = "<!-- step-cost:start -->", "<!-- step-cost:end -->"
 # The order of the rows; methods in a results file but not here come after them.
 ROWS = [
@@ -143,14 +148,11 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", nargs="?", default=str(RESULTS), help="a results JSON (default: the CPU one)")
     parser.add_argument("--out", help="write the table to this markdown file instead of printing it")
-    parser.add_argument("--write-readme", action="store_true", help="replace the README block (CPU results only)")
+    parser.add_argument("--write-docs", action="store_true", help="replace the docs page's block (CPU results only)")
     args = parser.parse_args(argv)
     text = summary(args.results)
-    if args.write_readme:
-        readme = ROOT / "README.md"
-        s = readme.read_text()
-        i, j = s.index(START) + len(START), s.index(END)
-        readme.write_text(s[:i] + "\n" + text + "\n" + s[j:])
+    if args.write_docs:
+        _pages.write_block(PAGE, START, END, text)
     elif args.out:
         tmp = pathlib.Path(args.out + ".tmp")
         tmp.write_text(text + "\n")

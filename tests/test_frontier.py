@@ -1,4 +1,4 @@
-"""benchmarks/frontier.py: tuning choice, Pareto front, cost prediction, targets, table, README block
+"""benchmarks/frontier.py: tuning choice, Pareto front, cost prediction, targets, table, docs page block
 and the resumable store on synthetic runs; one tiny real run (1 epoch, 500 samples)."""
 
 import json
@@ -87,9 +87,11 @@ def test_report_tunes_draws_the_front_and_checks_the_targets(tmp_path):
     store = synthetic_store(tmp_path / "runs.jsonl")
     stale = dict(frontier.accuracy_configs(store, S)[0], epochs=30)  # another setting's run: not read
     store.add(stale, result(0.1))
-    readme = tmp_path / "README.md"
-    readme.write_text("intro\n")
-    text = frontier.write_report(store, S, tmp_path, True, readme)
+    page = tmp_path / "frontier.md"
+    page.write_text("intro\n")
+    with pytest.raises(ValueError, match="markers"):  # no markers: nothing written
+        frontier.write_report(store, S, tmp_path, True, page)
+    text = frontier.write_report(store, S, tmp_path, False, page)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["tuned"] == {
         "sgd": {},
@@ -112,10 +114,10 @@ def test_report_tunes_draws_the_front_and_checks_the_targets(tmp_path):
     assert "| msam | msam_rho=0.1 | 89.5 ± 0.7 | +2.5 | 1.05 | - | - | - | yes |" in text
     assert "| (b) periodic | 1.50 measured vs 1.10 predicted (naive 1.10; f = 0.10) | within 0.05 | NO |" in text
     assert "jax-ml/jax#12868" in text and (tmp_path / "frontier.png").stat().st_size > 10_000
-    assert readme.read_text() == "intro\n"  # no markers: not written
-    readme.write_text(f"a\n{frontier.START}\nold\n{frontier.END}\nb\n")
-    frontier.write_report(store, S, tmp_path, True, readme)
-    assert readme.read_text() == f"a\n{frontier.START}\n{text}\n{frontier.END}\nb\n"
+    assert page.read_text() == "intro\n"
+    page.write_text(f"a\n{frontier.START}\nold\n{frontier.END}\nb\n")
+    frontier.write_report(store, S, tmp_path, True, page)
+    assert page.read_text() == f"a\n{frontier.START}\n{text}\n{frontier.END}\nb\n"
 
 
 def test_target_a_fails_when_no_cheap_method_keeps_the_gain():
