@@ -64,7 +64,12 @@ def sharpness_aware(
       ``update(grads, state, params, *, grad_fn, **extra_args)`` needs
       ``params`` and ``grad_fn``; other extra arguments go to the rule.
 
-    Example::
+    Examples:
+      With ``x`` all ones, ``y = (0, 1, 2, 3)`` and ``w = 0`` the clean gradient is
+      :math:`g = (-3, -3)`, so :math:`\epsilon = 0.05\,g / \lVert g\rVert`
+      moves both predictions to :math:`-0.0707`; the gradient there is
+      :math:`\tilde g \approx (-3.1414, -3.1414)` and SGD(0.1) moves ``w`` to
+      :math:`-0.1\,\tilde g`.
 
       >>> import jax, jax.numpy as jnp, optax, sam_optax
       >>> loss = lambda w, batch: jnp.mean((batch["x"] @ w - batch["y"]) ** 2)
@@ -73,8 +78,8 @@ def sharpness_aware(
       >>> w = jnp.zeros(2); state = tx.init(w)
       >>> grad_fn = lambda p: jax.grad(loss)(p, batch)
       >>> updates, state = tx.update(grad_fn(w), state, w, grad_fn=grad_fn)
-      >>> print(optax.apply_updates(w, updates))
-      [0.31414214 0.31414214]
+      >>> print([round(float(x), 4) for x in optax.apply_updates(w, updates)])
+      [0.3141, 0.3141]
 
     References:
       Foret et al, `Sharpness-Aware Minimization for Efficiently Improving

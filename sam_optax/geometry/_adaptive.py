@@ -58,6 +58,20 @@ def adaptive(
     Returns:
       The corresponding :class:`sam_optax.geometry.AscentGeometry`.
 
+    Examples:
+      With ``eta = 0``, :math:`w = (3, 1)` and :math:`g = (1, 4)`:
+      :math:`T_w g = (3, 4)` has norm 5, so
+      :math:`\epsilon = 0.5\,T_w^2 g / 5 = 0.5\,(9, 4) / 5 = (0.9, 0.4)`, and
+      :math:`\lVert T_w^{-1}\epsilon\rVert_2 = \lVert(0.3, 0.4)\rVert_2 = 0.5 = \rho`.
+
+      >>> import jax.numpy as jnp
+      >>> import sam_optax
+      >>> geo = sam_optax.geometry.adaptive(0.5, eta=0.0)
+      >>> w, g = jnp.array([3.0, 1.0]), jnp.array([1.0, 4.0])
+      >>> eps, state = geo.update(g, geo.init(w), w)
+      >>> print([round(float(x), 4) for x in eps], round(float(geo.norm(eps, g, w)), 4))
+      [0.9, 0.4] 0.5
+
     References:
       Kwon et al, `ASAM: Adaptive Sharpness-Aware Minimization for
       Scale-Invariant Learning of Deep Neural Networks

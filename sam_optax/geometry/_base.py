@@ -51,7 +51,7 @@ class ScheduleState(NamedTuple):
 
 
 def make_geometry(perturb: PerturbFn, norm: NormFn, rho: _utils.ScalarOrSchedule) -> AscentGeometry:
-    """Builds an :class:`AscentGeometry` from a stateless perturbation rule.
+    r"""Builds an :class:`AscentGeometry` from a stateless perturbation rule.
 
     Handles what every geometry shares: ``rho`` as a number, array or optax
     schedule (then the state counts steps), and at-least-float32 arithmetic.
@@ -63,6 +63,33 @@ def make_geometry(perturb: PerturbFn, norm: NormFn, rho: _utils.ScalarOrSchedule
         or float64 for float64 gradients under ``jax_enable_x64``).
       norm: ``norm(perturbation, grads, params) -> scalar`` in (at least) float32.
       rho: radius of the ball.
+
+    Returns:
+      The :class:`AscentGeometry`; its state is ``optax.EmptyState()`` for a
+      fixed ``rho``, a :class:`ScheduleState` for a schedule.
+
+    Examples:
+      The max-norm ball, :math:`\epsilon = \rho\,\mathrm{sign}(g)`, with a radius
+      halved at step 1: step 0 gives :math:`0.5\,\mathrm{sign}(3, -0.1) = (0.5, -0.5)`,
+      step 1 gives :math:`(0.25, -0.25)`.
+
+      >>> import jax
+      >>> import jax.numpy as jnp
+      >>> import optax
+      >>> import sam_optax
+      >>> def perturb(g, params, rho):
+      ...     return jax.tree.map(lambda x: rho * jnp.sign(x), g)
+      >>> def norm(e, g, params):
+      ...     return jnp.max(jnp.stack([jnp.max(jnp.abs(x)) for x in jax.tree.leaves(e)]))
+      >>> rho = optax.piecewise_constant_schedule(0.5, {1: 0.5})
+      >>> geo = sam_optax.geometry.make_geometry(perturb, norm, rho)
+      >>> g = jnp.array([3.0, -0.1])
+      >>> state = geo.init(g)
+      >>> for _ in range(2):
+      ...     eps, state = geo.update(g, state)
+      ...     print([round(float(x), 4) for x in eps], round(float(geo.norm(eps, g)), 4))
+      [0.5, -0.5] 0.5
+      [0.25, -0.25] 0.25
     """
     _utils.check_range("rho", rho, low=0.0, allow_schedule=True)
     scheduled = callable(rho)

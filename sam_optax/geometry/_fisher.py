@@ -38,6 +38,22 @@ def fisher(rho: _utils.ScalarOrSchedule = 0.1, eta: float = 1.0, *, eps: float =
     Returns:
       The corresponding :class:`sam_optax.geometry.AscentGeometry`.
 
+    Examples:
+      With :math:`g = (1, 1)` and ``eta = 1``, :math:`F = \mathrm{diag}(2, 2)`:
+      :math:`\epsilon = 0.1\,(0.5, 0.5) / \sqrt{0.5 + 0.5} = (0.05, 0.05)`, whose
+      Fisher norm :math:`\sqrt{\epsilon^\top F \epsilon}` is 0.1; ``eta = 0``
+      gives SAM's :math:`0.1\,g / \lVert g\rVert = (0.0707, 0.0707)`.
+
+      >>> import jax.numpy as jnp
+      >>> import sam_optax
+      >>> g = jnp.array([1.0, 1.0])
+      >>> for eta in (1.0, 0.0):
+      ...     geo = sam_optax.geometry.fisher(0.1, eta=eta)
+      ...     eps, state = geo.update(g, geo.init(g))
+      ...     print([round(float(x), 4) for x in eps], round(float(geo.norm(eps, g, None)), 4))
+      [0.05, 0.05] 0.1
+      [0.0707, 0.0707] 0.1
+
     References:
       Kim et al, `Fisher SAM: Information Geometry and Sharpness Aware
       Minimisation <https://arxiv.org/abs/2206.04920>`_, 2022

@@ -33,6 +33,18 @@ def l2(rho: _utils.ScalarOrSchedule = 0.05, *, eps: float = 1e-12) -> AscentGeom
     Returns:
       The corresponding :class:`sam_optax.geometry.AscentGeometry`.
 
+    Examples:
+      With :math:`g = (3, 4)` and ``rho = 0.5`` the perturbation is
+      :math:`\rho\, g / \lVert g\rVert = (0.3, 0.4)`, of norm 0.5.
+
+      >>> import jax.numpy as jnp
+      >>> import sam_optax
+      >>> geo = sam_optax.geometry.l2(0.5)
+      >>> g = {"w": jnp.array([3.0, 4.0])}
+      >>> eps, state = geo.update(g, geo.init(g))
+      >>> print([round(float(x), 4) for x in eps["w"]], round(float(geo.norm(eps, g, None)), 4))
+      [0.3, 0.4] 0.5
+
     References:
       Foret et al, `Sharpness-Aware Minimization for Efficiently Improving
       Generalization <https://arxiv.org/abs/2010.01412>`_, 2021
@@ -153,11 +165,13 @@ def pnorm(rho: _utils.ScalarOrSchedule = 0.05, p: float = 2, *, eps: float = 1e-
       Generalization <https://arxiv.org/abs/2010.01412>`_, 2021 (eq. 2)
 
     Examples:
+      For ``p = inf`` the perturbation is :math:`\rho\,\mathrm{sign}(g)`:
+
       >>> import jax.numpy as jnp, sam_optax
       >>> geo = sam_optax.geometry.pnorm(0.5, p=float('inf'))
       >>> eps, _ = geo.update({'w': jnp.array([3.0, -0.1])}, geo.init(None))
-      >>> eps['w']
-      Array([ 0.5, -0.5], dtype=float32)
+      >>> print([round(float(x), 4) for x in eps['w']])
+      [0.5, -0.5]
     """
     p = check_p(p)
     _utils.check_range("eps", eps, low=0.0)

@@ -131,6 +131,25 @@ def stochastic(
     Returns:
       The corresponding :class:`sam_optax.geometry.AscentGeometry`.
 
+    Examples:
+      Around ``l2(0.5)`` with ``beta = 0.5`` and one draw per tensor, for
+      :math:`g = (3, 4)` in two tensors: each tensor's perturbation is 0 or
+      :math:`(\rho / \beta)\, g / \lVert g\rVert`, i.e. 0 or 0.6 for the first,
+      0 or 0.8 for the second (their mean over the mask, :math:`(0.3, 0.4)`, is
+      SAM's); 40 steps show the four masks.
+
+      >>> import jax
+      >>> import jax.numpy as jnp
+      >>> import sam_optax
+      >>> geo = sam_optax.geometry.stochastic(sam_optax.geometry.l2(0.5), beta=0.5)
+      >>> g = {"a": jnp.array([3.0]), "b": jnp.array([4.0])}
+      >>> state, update, seen = geo.init(g), jax.jit(geo.update), set()
+      >>> for _ in range(40):
+      ...     eps, state = update(g, state)
+      ...     seen.add((round(float(eps["a"][0]), 4), round(float(eps["b"][0]), 4)))
+      >>> print(sorted(seen))
+      [(0.0, 0.0), (0.0, 0.8), (0.6, 0.0), (0.6, 0.8)]
+
     References:
       Du et al, `Efficient Sharpness-aware Minimization for Improved Training of
       Neural Networks <https://arxiv.org/abs/2110.03141>`_, ICLR 2022

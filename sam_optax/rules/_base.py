@@ -89,6 +89,19 @@ def check_clean_grads(grads: optax.Updates, clean_grads: optax.Updates | None, n
     Raises:
       ValueError: if some leaf of ``grads`` is not the matching leaf of
         ``clean_grads``.
+
+    Examples:
+      The same arrays pass; new arrays fail, even with equal values:
+
+      >>> import jax.numpy as jnp
+      >>> import sam_optax
+      >>> g = {"w": jnp.ones(2)}
+      >>> sam_optax.rules.check_clean_grads(g, g, "sam")  # no error
+      >>> try:
+      ...     sam_optax.rules.check_clean_grads({"w": g["w"] * 1.0}, g, "sam")
+      ... except ValueError as e:
+      ...     print(str(e).split(" (")[0])
+      sam: a transformation chained before the rule changed the clean gradient but not the perturbed one
     """
     if clean_grads is None:
         return
@@ -186,6 +199,19 @@ def clip_by_global_norm(tree: Any, max_norm: Any) -> Any:
     A clipped tree is computed as ``u * (max_norm / ||u||)`` with ``u = tree / d``
     (``d`` a power of two near ``max |x|``, see :func:`sam_optax._utils.tree_norm_parts`),
     so a huge finite tree is clipped to norm ``max_norm`` in its own direction.
+
+    Examples:
+      The tree :math:`(3, 4)` has norm 5: clipped to 1 it is :math:`(0.6, 0.8)`;
+      a ``max_norm`` of 10 leaves it unchanged.
+
+      >>> import jax.numpy as jnp
+      >>> import sam_optax
+      >>> tree = {"a": jnp.array([3.0]), "b": jnp.array([4.0])}
+      >>> for max_norm in (1.0, 10.0):
+      ...     clipped = sam_optax.rules.clip_by_global_norm(tree, max_norm)
+      ...     print([round(float(clipped[k][0]), 4) for k in ("a", "b")])
+      [0.6, 0.8]
+      [3.0, 4.0]
     """
     u, d, n = _utils.tree_norm_parts(tree)
     clip = d * n > max_norm
@@ -242,7 +268,7 @@ def sharpness_rule(
     check_init: Callable[[Any], None] | None = None,
     has_post: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
-    """Builds a combination rule around a base optimizer.
+    r"""Builds a combination rule around a base optimizer.
 
     Args:
       base: any optax ``GradientTransformation``; extra keyword arguments given
@@ -265,6 +291,25 @@ def sharpness_rule(
       ``clean_grads`` (``out.grads``, as the library's steps pass it) it raises
       ``ValueError`` if a transformation chained before the rule changed
       ``grads`` (see :func:`check_clean_grads`).
+
+    Examples:
+      A rule whose base optimizer sees the mean of both gradients: with
+      :math:`g = (1, 0)` and :math:`\tilde g = (3, 2)` it sees :math:`(2, 1)`,
+      and SGD(0.1) gives :math:`(-0.2, -0.1)`.
+
+      >>> import jax
+      >>> import jax.numpy as jnp
+      >>> import optax
+      >>> import sam_optax
+      >>> def combine(g, g_pert, state, params):
+      ...     mean = jax.tree.map(lambda a, b: (a + b) / 2, g, g_pert)
+      ...     return mean, None, state.extra
+      >>> tx = sam_optax.sharpness_rule(optax.sgd(0.1), combine, name="mean_rule")
+      >>> w = jnp.zeros(2)
+      >>> g, g_pert = jnp.array([1.0, 0.0]), jnp.array([3.0, 2.0])
+      >>> updates, state = tx.update(g, tx.init(w), w, perturbed_grads=g_pert)
+      >>> print([round(float(u), 4) for u in updates], int(state.rule_count))
+      [-0.2, -0.1] 1
     """
     _utils.check_transformation("base", base)
     if max_norm is not None:

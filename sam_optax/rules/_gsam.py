@@ -61,6 +61,22 @@ def gsam(
       The corresponding :class:`optax.GradientTransformationExtraArgs`; call its
       ``update(grads, state, params, perturbed_grads=..., clean_grads=...)``.
 
+    Examples:
+      With :math:`g = (1, 1)` and :math:`\tilde g = (2, 0)`:
+      :math:`g_\parallel = (1, 0)`, :math:`g_\perp = (0, 1)`, and with
+      ``alpha = 0.5`` the base optimizer sees :math:`(2, 0) - 0.5\,(0, 1) = (2, -0.5)`;
+      SGD(0.1) gives :math:`(-0.2, 0.05)`.
+
+      >>> import jax.numpy as jnp
+      >>> import optax
+      >>> import sam_optax
+      >>> tx = sam_optax.gsam(optax.sgd(0.1), alpha=0.5)
+      >>> w = jnp.zeros(2)
+      >>> g, g_pert = jnp.array([1.0, 1.0]), jnp.array([2.0, 0.0])
+      >>> updates, state = tx.update(g, tx.init(w), w, perturbed_grads=g_pert)
+      >>> print([round(float(u), 4) for u in updates])
+      [-0.2, 0.05]
+
     References:
       Zhuang et al, `Surrogate Gap Minimization Improves Sharpness-Aware Training
       <https://arxiv.org/abs/2203.08065>`_, ICLR 2022
@@ -138,6 +154,19 @@ def gsam_rho_schedule(
       learning rate is constant or ``lr_max == lr_min``), in float32, or in
       float64 under ``jax_enable_x64`` (the geometry then casts it to the
       gradient's dtype).
+
+    Examples:
+      A learning rate falling linearly from 1 to 0 over 10 steps, with
+      ``rho_max = 0.04`` at ``lr_max = 1`` and ``rho_min = 0.02`` at ``lr_min = 0``:
+      at step 5 the learning rate is 0.5, half way, so the radius is 0.03.
+
+      >>> import optax
+      >>> import sam_optax
+      >>> lr = optax.linear_schedule(1.0, 0.0, transition_steps=10)
+      >>> rho = sam_optax.gsam_rho_schedule(lr, rho_max=0.04, rho_min=0.02, lr_max=1.0, lr_min=0.0)
+      >>> print([round(float(rho(t)), 4) for t in (0, 5, 10)])
+      [0.04, 0.03, 0.02]
+      >>> geometry = sam_optax.geometry.l2(rho=rho)
     """
     _utils.check_range("learning_rate", learning_rate, low=0.0, allow_schedule=True)
     _utils.check_range("rho_min", rho_min, low=0.0)

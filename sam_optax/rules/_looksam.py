@@ -81,6 +81,29 @@ def looksam(
       ``update(grads, state, params, perturbed_grads=...)`` (on reuse steps the
       ``perturbed_grads`` are ignored).
 
+    Examples:
+      ``k = 2``, ``alpha = 0.5``, SGD(0.1). Step 0 is a full step: with
+      :math:`g = (1, 0)`, :math:`\tilde g = (1, 1)` the update is
+      :math:`-0.1\,\tilde g` and the stored direction is
+      :math:`g_v / \lVert g_v\rVert = (0, 1)`. Step 1 reuses it: with
+      :math:`g = (2, 0)` (passed as ``perturbed_grads`` too: no second pass) the base
+      sees :math:`g + 0.5 \cdot 2 \cdot (0, 1) = (2, 1)`.
+
+      >>> import jax.numpy as jnp
+      >>> import optax
+      >>> import sam_optax
+      >>> tx = sam_optax.looksam(optax.sgd(0.1), k=2, alpha=0.5)
+      >>> w = jnp.zeros(2)
+      >>> state = tx.init(w)
+      >>> g, g_pert = jnp.array([1.0, 0.0]), jnp.array([1.0, 1.0])
+      >>> updates, state = tx.update(g, state, w, perturbed_grads=g_pert)
+      >>> print([round(float(u), 4) for u in updates])
+      [-0.1, -0.1]
+      >>> g = jnp.array([2.0, 0.0])
+      >>> updates, state = tx.update(g, state, w, perturbed_grads=g)
+      >>> print([round(float(u), 4) for u in updates])
+      [-0.2, -0.1]
+
     References:
       Liu et al, `Towards Efficient and Scalable Sharpness-Aware Minimization
       <https://arxiv.org/abs/2203.02714>`_, CVPR 2022
@@ -218,12 +241,46 @@ def looksam_full_step(opt_state: optax.OptState) -> jax.Array:
     """Whether the next LookSAM update is a full SAM step (needs the second pass).
 
     Finds the LookSAM state anywhere inside ``opt_state`` (chains, wrappers).
+
+    Examples:
+      With ``k = 2`` the updates 0, 2, 4, ... are full steps:
+
+      >>> import jax.numpy as jnp
+      >>> import optax
+      >>> import sam_optax
+      >>> tx = optax.chain(sam_optax.looksam(optax.sgd(0.1), k=2), optax.scale(1.0))
+      >>> w = g = jnp.ones(2)
+      >>> state = tx.init(w)
+      >>> flags = []
+      >>> for _ in range(3):
+      ...     flags.append(bool(sam_optax.looksam_full_step(state)))
+      ...     updates, state = tx.update(g, state, w, perturbed_grads=2 * g)
+      >>> print(flags)
+      [True, False, True]
     """
     return optax.tree.get(opt_state, "looksam_full_step")
 
 
 class LookSAMSchedule:
-    """Host-side literal ``second_pass`` flags of a LookSAM rule (see :func:`looksam_schedule`)."""
+    """Host-side literal ``second_pass`` flags of a LookSAM rule (see :func:`looksam_schedule`).
+
+    An endless iterator: the flag of update ``t`` is ``t % k == 0``, starting at
+    ``t = step``; ``check(opt_state)`` raises ``ValueError`` when ``step`` is not
+    the LookSAM state's ``rule_count`` or the next flag is not its
+    ``looksam_full_step``. Build it with :func:`looksam_schedule`, which reads
+    ``step`` from the state and checks it.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import optax
+      >>> import sam_optax
+      >>> state = sam_optax.looksam(optax.sgd(0.1), k=3).init(jnp.zeros(2))
+      >>> schedule = sam_optax.looksam_schedule(3, state)
+      >>> print(type(schedule).__name__, schedule.k, schedule.step)
+      LookSAMSchedule 3 0
+      >>> print([next(schedule) for _ in range(4)])
+      [True, False, False, True]
+    """
 
     def __init__(self, k: int, step: int):
         self.k, self.step = k, step

@@ -38,6 +38,21 @@ def sam(base: optax.GradientTransformation, *, max_norm: float | None = None) ->
       The corresponding :class:`optax.GradientTransformationExtraArgs`; call its
       ``update(grads, state, params, perturbed_grads=..., clean_grads=...)``.
 
+    Examples:
+      The base optimizer sees only :math:`\tilde g`: with :math:`\tilde g = (3, 4)`
+      SGD with learning rate 0.1 gives :math:`-0.1\,\tilde g = (-0.3, -0.4)`,
+      whatever :math:`g` is.
+
+      >>> import jax.numpy as jnp
+      >>> import optax
+      >>> import sam_optax
+      >>> tx = sam_optax.sam(optax.sgd(0.1))
+      >>> w = jnp.zeros(2)
+      >>> g, g_pert = jnp.array([1.0, 2.0]), jnp.array([3.0, 4.0])
+      >>> updates, state = tx.update(g, tx.init(w), w, perturbed_grads=g_pert)
+      >>> print([round(float(u), 4) for u in updates])
+      [-0.3, -0.4]
+
     References:
       Foret et al, `Sharpness-Aware Minimization for Efficiently Improving
       Generalization <https://arxiv.org/abs/2010.01412>`_, 2021

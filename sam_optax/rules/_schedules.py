@@ -80,6 +80,21 @@ def scheduled_second_pass(opt_state: optax.OptState) -> Any:
     Raises:
       ValueError: if ``opt_state`` holds more than one such flag (e.g.
         ``periodic`` around ``looksam``): which one should decide is ambiguous.
+
+    Examples:
+      Plain SAM always needs the second pass; ``periodic(..., every=2)`` needs it
+      on updates 1, 3, ... (counting from 0), so not on the first; LookSAM needs
+      it on its first update.
+
+      >>> import jax.numpy as jnp
+      >>> import optax
+      >>> import sam_optax
+      >>> rule, w = sam_optax.sam(optax.sgd(0.1)), jnp.zeros(2)
+      >>> for tx in (rule, sam_optax.periodic(rule, every=2), sam_optax.looksam(optax.sgd(0.1), k=2)):
+      ...     print(bool(sam_optax.rules.scheduled_second_pass(tx.init(w))))
+      True
+      False
+      True
     """
     flags = schedule_flags(opt_state)
     if len(flags) > 1:

@@ -84,6 +84,22 @@ def apply_to_both(
       **extra_args)`` calls ``rule.update(pre(g), ..., perturbed_grads=pre'(g_pert),
       clean_grads=pre(g))``; given ``clean_grads``, it first checks that
       nothing chained before it changed ``grads`` (``ValueError`` otherwise).
+
+    Examples:
+      Clipping both gradients to norm 1 before SAM: :math:`\tilde g = (8, 6)`
+      (norm 10) becomes :math:`(0.8, 0.6)`, and SAM with SGD(1.0) steps by
+      :math:`-(0.8, 0.6)`; the clean :math:`g = (3, 4)` is clipped by its own
+      norm, 5.
+
+      >>> import jax.numpy as jnp
+      >>> import optax
+      >>> import sam_optax
+      >>> tx = sam_optax.apply_to_both(optax.clip_by_global_norm(1.0), sam_optax.sam(optax.sgd(1.0)))
+      >>> w = jnp.zeros(2)
+      >>> g, g_pert = jnp.array([3.0, 4.0]), jnp.array([8.0, 6.0])
+      >>> updates, state = tx.update(g, tx.init(w), w, perturbed_grads=g_pert)
+      >>> print([round(float(u), 4) for u in updates])
+      [-0.8, -0.6]
     """
     _utils.check_transformation("pre", pre)
     _utils.check_transformation("rule", rule)
@@ -168,6 +184,23 @@ def skip_nonfinite(
       :class:`SkipNonfiniteState`; its ``update(grads, state, params, *,
       perturbed_grads, clean_grads=None, **extra_args)`` forwards everything to
       ``rule.update``.
+
+    Examples:
+      A NaN in the perturbed gradient only: the step is skipped (zero updates),
+      which ``optax.apply_if_finite`` would not do; the next finite step is
+      applied and resets the streak.
+
+      >>> import jax.numpy as jnp
+      >>> import optax
+      >>> import sam_optax
+      >>> tx = sam_optax.skip_nonfinite(sam_optax.sam(optax.sgd(0.1)), max_consecutive_errors=2)
+      >>> w = g = jnp.ones(2)
+      >>> state = tx.init(w)
+      >>> for g_pert in (jnp.array([jnp.nan, 1.0]), jnp.array([1.0, 2.0])):
+      ...     updates, state = tx.update(g, state, w, perturbed_grads=g_pert)
+      ...     print([round(float(u), 4) for u in updates], int(state.nonfinite_streak), int(state.nonfinite_total))
+      [0.0, 0.0] 1 1
+      [-0.1, -0.2] 0 1
     """
     _utils.check_transformation("rule", rule)
     _utils.check_int("max_consecutive_errors", max_consecutive_errors, low=0)
@@ -257,6 +290,25 @@ def accumulate(rule: optax.GradientTransformation, every_k: int) -> optax.Gradie
       :class:`AccumulateState`; its ``update(grads, state, params, *,
       perturbed_grads, clean_grads=None, **extra_args)`` forwards the extra
       arguments of the ``k``-th call to ``rule.update``.
+
+    Examples:
+      ``every_k = 2`` around SAM with SGD(0.1): the first call returns zeros;
+      the second steps by :math:`-0.1` times the mean perturbed gradient,
+      :math:`\frac12((2, 0) + (4, 2)) = (3, 1)`.
+
+      >>> import jax.numpy as jnp
+      >>> import optax
+      >>> import sam_optax
+      >>> tx = sam_optax.accumulate(sam_optax.sam(optax.sgd(0.1)), every_k=2)
+      >>> w = jnp.zeros(2)
+      >>> state = tx.init(w)
+      >>> clean = [jnp.array([1.0, 0.0]), jnp.array([3.0, 0.0])]
+      >>> perturbed = [jnp.array([2.0, 0.0]), jnp.array([4.0, 2.0])]
+      >>> for g, g_pert in zip(clean, perturbed):
+      ...     updates, state = tx.update(g, state, w, perturbed_grads=g_pert)
+      ...     print([round(float(u), 4) for u in updates])
+      [0.0, 0.0]
+      [-0.3, -0.1]
     """
     _utils.check_transformation("rule", rule)
     _utils.check_positive_int("every_k", every_k)
@@ -334,6 +386,18 @@ def check_placement(opt_state: optax.OptState) -> None:
 
     Raises:
       ValueError: naming the wrapper found and its ``sam_optax.rules`` replacement.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import optax
+      >>> import sam_optax
+      >>> rule, w = sam_optax.sam(optax.sgd(0.1)), jnp.zeros(2)
+      >>> sam_optax.check_placement(sam_optax.accumulate(rule, 2).init(w))  # no error
+      >>> try:
+      ...     sam_optax.check_placement(optax.MultiSteps(rule, 2).init(w))
+      ... except ValueError as e:
+      ...     print(str(e).split(": ")[-1])
+      use sam_optax.rules.accumulate(rule, k) instead.
     """
     for node in jax.tree.leaves(opt_state, is_leaf=_is_wrapper):
         if not _is_wrapper(node):

@@ -77,6 +77,26 @@ def wsam(
       The corresponding :class:`optax.GradientTransformationExtraArgs`; call its
       ``update(grads, state, params, perturbed_grads=..., clean_grads=...)``.
 
+    Examples:
+      With ``gamma = 0.75`` (:math:`\alpha = 3`), :math:`g = (1, 0)` and
+      :math:`\tilde g = (1, 1)`, so :math:`s = (0, 1)`: decoupled SGD(0.1) gives
+      :math:`-0.1\,g - 0.1 \cdot 3\,s = (-0.1, -0.3)`; coupled, the base sees
+      :math:`\hat g = -2 g + 3 \tilde g = (1, 3)`, the same step with plain SGD.
+
+      >>> import jax.numpy as jnp
+      >>> import optax
+      >>> import sam_optax
+      >>> w = jnp.zeros(2)
+      >>> g, g_pert = jnp.array([1.0, 0.0]), jnp.array([1.0, 1.0])
+      >>> tx = sam_optax.wsam(optax.sgd(0.1), gamma=0.75, learning_rate=0.1)
+      >>> updates, state = tx.update(g, tx.init(w), w, perturbed_grads=g_pert)
+      >>> print([round(float(u), 4) for u in updates])
+      [-0.1, -0.3]
+      >>> tx = sam_optax.wsam(optax.sgd(0.1), gamma=0.75, decouple=False)
+      >>> updates, state = tx.update(g, tx.init(w), w, perturbed_grads=g_pert)
+      >>> print([round(float(u), 4) for u in updates])
+      [-0.1, -0.3]
+
     References:
       Yue et al, `Sharpness-Aware Minimization Revisited: Weighted Sharpness as a
       Regularization Term <https://arxiv.org/abs/2305.15817>`_, KDD 2023
