@@ -59,6 +59,13 @@ def default_skipped_primitives(backend: str | None = None) -> tuple[str, ...]:
     ``lax.cond`` on a slow path (jax-ml/jax#12868), slower than computing it
     unconditionally. Elsewhere both ``dot_general`` and ``conv_general_dilated``
     (GPU measurement pending).
+
+    Examples:
+      >>> import sam_optax
+      >>> print(sam_optax.swp.default_skipped_primitives("cpu"))
+      ('dot_general',)
+      >>> print(sam_optax.swp.default_skipped_primitives("gpu"))
+      ('dot_general', 'conv_general_dilated')
     """
     backend = jax.default_backend() if backend is None else backend
     return ("dot_general",) if backend == "cpu" else _BILINEAR
@@ -283,7 +290,12 @@ def swp_step(
     Returns:
       ``(init, step)``; ``step(params, state, batch, *args) -> (params, state, out)``.
 
-    Example::
+    Examples:
+      Every example has loss :math:`(0 - 1)^2 = 1` and gradient :math:`(-2, -2, -2)`.
+      This step's mask (``seed=0``) leaves the only tensor out: its clean
+      gradient is not computed (zeros), so :math:`\epsilon = 0`, the perturbed
+      loss is the clean one, and SGD takes the perturbed gradient :math:`-2`:
+      :math:`w = 0 + 0.1 \cdot 2 = 0.2`.
 
       >>> import jax, jax.numpy as jnp, optax, sam_optax
       >>> loss_fn = lambda w, b: (b @ w["k"] - 1.0) ** 2  # per-example losses
@@ -292,6 +304,10 @@ def swp_step(
       >>> init, step = sam_optax.swp.swp_step(loss_fn, sam_optax.sam(optax.sgd(0.1)), geo, data)
       >>> w = {"k": jnp.zeros(3)}; state = init(w)
       >>> w, state, out = jax.jit(step)(w, state, jnp.ones((4, 3)))
+      >>> print(float(out.loss), float(out.perturbed_loss), [float(x) for x in out.grads["k"]])
+      1.0 1.0 [0.0, 0.0, 0.0]
+      >>> print([round(float(x), 4) for x in w["k"]])
+      [0.2, 0.2, 0.2]
 
     References:
       Du et al, `Efficient Sharpness-aware Minimization for Improved Training of

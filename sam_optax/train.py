@@ -61,7 +61,12 @@ def sharpness_aware_step(
     :func:`sam_optax.distributed.place`): put ``params`` on the mesh first with
     ``sam_optax.distributed.place(params, mesh)`` and the jitted step compiles once.
 
-    Example::
+    Examples:
+      From :math:`w = 0` with :math:`b = (1, 1, 1)`: the loss is 1 and the clean
+      gradient :math:`-2\\,(1, 1, 1)`, so :math:`\\epsilon = -0.05\\,(1, 1, 1)/\\sqrt 3`,
+      :math:`b \\cdot \\epsilon = -0.05\\sqrt 3`, the perturbed gradient is
+      :math:`2(-0.05\\sqrt 3 - 1) = -2.1732` per coordinate and SGD moves
+      :math:`w` to 0.2173.
 
       >>> import jax, jax.numpy as jnp, optax, sam_optax
       >>> loss_fn = lambda w, b: jnp.mean((b @ w - 1.0) ** 2)
@@ -69,6 +74,10 @@ def sharpness_aware_step(
       ...     loss_fn, sam_optax.sam(optax.sgd(0.1)), sam_optax.geometry.l2(0.05))
       >>> w = jnp.zeros(3); state = init(w)
       >>> w, state, out = jax.jit(step)(w, state, jnp.ones((4, 3)))
+      >>> print(f"{float(out.loss):.4f}", [round(float(x), 4) for x in out.perturbed_grads])
+      1.0000 [-2.1732, -2.1732, -2.1732]
+      >>> print([round(float(x), 4) for x in w])
+      [0.2173, 0.2173, 0.2173]
     """
     geometry = l2(0.05) if geometry is None else geometry
     sa_grad = sharpness_aware_grad(
@@ -132,7 +141,21 @@ def plain_step(
     loss_fn: Callable[..., Any], tx: optax.GradientTransformation, *, has_aux: bool = False
 ) -> tuple[Callable[[Any], Any], Callable[..., tuple[Any, Any, Any]]]:
     """The same ``(init, step)`` shape for a plain (one-pass) optax optimizer;
-    ``step`` returns ``(params, opt_state, (loss, aux))``."""
+    ``step`` returns ``(params, opt_state, (loss, aux))``.
+
+    Examples:
+      The loss of :func:`sharpness_aware_step`'s example: gradient
+      :math:`-2\\,(1, 1, 1)` at :math:`w = 0`, so SGD with rate 0.1 moves
+      :math:`w` to 0.2 (SAM's step went to 0.2173).
+
+      >>> import jax, jax.numpy as jnp, optax, sam_optax
+      >>> loss_fn = lambda w, b: jnp.mean((b @ w - 1.0) ** 2)
+      >>> init, step = sam_optax.plain_step(loss_fn, optax.sgd(0.1))
+      >>> w = jnp.zeros(3); opt_state = init(w)
+      >>> w, opt_state, (loss, aux) = jax.jit(step)(w, opt_state, jnp.ones((4, 3)))
+      >>> print(float(loss), aux, [round(float(x), 4) for x in w])
+      1.0 None [0.2, 0.2, 0.2]
+    """
 
     def step(params, opt_state, batch, *args):
         value, grads = jax.value_and_grad(loss_fn, has_aux=has_aux)(params, batch, *args)

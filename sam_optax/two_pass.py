@@ -309,7 +309,15 @@ def sharpness_aware_grad(
       jax-ml/jax#12868: there, jit the two literal programs and pick one on
       the host).
 
-    Example::
+    Examples:
+      Two shards of 4 examples with :math:`x = (1, 1, 1)`, :math:`y = 0..3` and
+      :math:`4..7`, from :math:`w = 0`: the clean loss is
+      :math:`\mathrm{mean}(y^2) = 17.5` and the clean gradient
+      :math:`-2\,\bar y = -7` per coordinate. Each shard's perturbation is
+      :math:`\epsilon = -0.05 (1, 1, 1)/\sqrt 3` (its gradient points along
+      :math:`-(1, 1, 1)`), so :math:`x \cdot \epsilon = -0.05\sqrt 3` and the
+      perturbed gradient is :math:`2(-0.05\sqrt 3 - \bar y_S)` per coordinate,
+      :math:`-7.1732` on average; SGD with rate 0.1 moves :math:`w` to 0.7173.
 
       >>> import jax, jax.numpy as jnp, optax, sam_optax
       >>> def loss_fn(w, batch):
@@ -325,6 +333,10 @@ def sharpness_aware_grad(
       >>> updates, opt_state = tx.update(out.grads, opt_state, w,
       ...     perturbed_grads=out.perturbed_grads, clean_grads=out.grads)
       >>> w = optax.apply_updates(w, updates)
+      >>> print(f"{float(out.loss):.4f}", [round(float(x), 4) for x in out.grads])
+      17.5000 [-7.0, -7.0, -7.0]
+      >>> print([round(float(x), 4) for x in out.perturbed_grads], [round(float(x), 4) for x in w])
+      [-7.1732, -7.1732, -7.1732] [0.7173, 0.7173, 0.7173]
 
     References:
       Foret et al, `Sharpness-Aware Minimization for Efficiently Improving

@@ -70,6 +70,28 @@ def weight_ema(
     Returns:
       The corresponding :class:`optax.GradientTransformationExtraArgs`.
 
+    Examples:
+      SGD with rate 1 and gradient 1 from :math:`w_0 = 2` gives :math:`w_1 = 1,
+      w_2 = 0`. With :math:`d = 0.5`: :math:`e_1 = 0.5 \cdot 2 + 0.5 \cdot 1 = 1.5`,
+      :math:`e_2 = 0.75`; debiased: :math:`\hat e_1 = w_1 = 1`,
+      :math:`\hat e_2 = (d(1-d)\,w_1 + (1-d)\,w_2)/(1 - d^2) = 0.25/0.75 = 1/3`.
+
+      >>> import jax.numpy as jnp
+      >>> import optax
+      >>> import sam_optax
+      >>> for debias in (False, True):
+      ...     tx = sam_optax.averaging.weight_ema(optax.sgd(1.0), decay=0.5, debias=debias)
+      ...     w = jnp.array([2.0])
+      ...     state = tx.init(w)
+      ...     averages = []
+      ...     for _ in range(2):
+      ...         updates, state = tx.update(jnp.ones(1), state, w)
+      ...         w = optax.apply_updates(w, updates)
+      ...         averages.append(round(float(sam_optax.averaging.ema_params(state)[0]), 4))
+      ...     print(debias, averages)
+      False [1.5, 0.75]
+      True [1.0, 0.3333]
+
     References:
       Polyak et al, `Acceleration of Stochastic Approximation by Averaging
       <https://doi.org/10.1137/0330046>`_, 1992;
@@ -117,5 +139,21 @@ def ema_params(opt_state: Any) -> Any:
 
     Returns:
       The moving average of the weights.
+
+    Examples:
+      Inside a chain (the gradient 3 is clipped to 1, SGD with rate 1 moves
+      :math:`w` from 2 to 1, and :math:`e_1 = 0.5 \\cdot 2 + 0.5 \\cdot 1 = 1.5`):
+
+      >>> import jax.numpy as jnp
+      >>> import optax
+      >>> import sam_optax
+      >>> tx = optax.chain(
+      ...     optax.clip_by_global_norm(1.0), sam_optax.averaging.weight_ema(optax.sgd(1.0), decay=0.5))
+      >>> w = jnp.array([2.0])
+      >>> state = tx.init(w)
+      >>> updates, state = tx.update(jnp.array([3.0]), state, w)
+      >>> w = optax.apply_updates(w, updates)
+      >>> print(float(w[0]), float(sam_optax.averaging.ema_params(state)[0]))
+      1.0 1.5
     """
     return _common.find_state(opt_state, WeightEMAState, "sam_optax.averaging.weight_ema").ema

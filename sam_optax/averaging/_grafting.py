@@ -42,6 +42,22 @@ def weight_entropy(x: jax.Array, num_bins: int = 10, *, exclusive_max: bool = Fa
     Returns:
       A float32 scalar.
 
+    Examples:
+      :math:`(0, 1, 2, 3)` in 4 bins of width 0.75 puts one value in each bin:
+      :math:`H = \ln 4 \approx 1.3863`. Dropping the maximum (the official
+      code's bins) leaves :math:`p = (1/4, 1/4, 1/4, 0)`, :math:`H = \frac34 \ln 4
+      \approx 1.0397`; a constant tensor has :math:`H = 0`.
+
+      >>> import jax.numpy as jnp
+      >>> import sam_optax
+      >>> x = jnp.array([0.0, 1.0, 2.0, 3.0])
+      >>> print(f"{float(sam_optax.averaging.weight_entropy(x, num_bins=4)):.4f}")
+      1.3863
+      >>> print(f"{float(sam_optax.averaging.weight_entropy(x, num_bins=4, exclusive_max=True)):.4f}")
+      1.0397
+      >>> print(float(sam_optax.averaging.weight_entropy(jnp.ones(4))) == 0.0)
+      True
+
     References:
       Meng et al, `Filter Grafting for Deep Neural Networks
       <https://arxiv.org/abs/2001.05868>`_, CVPR 2020
@@ -87,6 +103,17 @@ def grafting_coefficient(
     Returns:
       :math:`\alpha`, broadcast over the inputs.
 
+    Examples:
+      With :math:`A = 0.4, c = 500`: equal entropies give :math:`\frac12`; an
+      entropy difference of :math:`\pm 0.002` gives :math:`\arctan(\pm 1) =
+      \pm\pi/4`, so :math:`\alpha = \frac12 \pm 0.1`.
+
+      >>> import jax.numpy as jnp
+      >>> import sam_optax
+      >>> alpha = sam_optax.averaging.grafting_coefficient(jnp.array([0.5, 0.502, 0.498]), 0.5)
+      >>> print([round(float(x), 4) for x in alpha])
+      [0.5, 0.6, 0.4]
+
     References:
       Meng et al, `Filter Grafting for Deep Neural Networks
       <https://arxiv.org/abs/2001.05868>`_, CVPR 2020
@@ -112,6 +139,17 @@ def layers_by_module(params: Any) -> Any:
 
     Returns:
       A pytree of hashable labels with the structure of ``params``.
+
+    Examples:
+      >>> import jax
+      >>> import jax.numpy as jnp
+      >>> import sam_optax
+      >>> params = {
+      ...     "Dense_0": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)},
+      ...     "Dense_1": {"kernel": jnp.ones((2, 1)), "bias": jnp.ones(1)},
+      ... }
+      >>> print(jax.tree.leaves(sam_optax.averaging.layers_by_module(params)))
+      ["['Dense_0']", "['Dense_0']", "['Dense_1']", "['Dense_1']"]
     """
     return jax.tree_util.tree_map_with_path(lambda path, _: jax.tree_util.keystr(path[:-1]), params)
 
@@ -163,6 +201,21 @@ def graft(
 
     Returns:
       The grafted stacked params (same structure and dtypes).
+
+    Examples:
+      Two networks: network 0's layer :math:`(0, 1, 2, 3)` has entropy
+      :math:`\ln 4` (4 bins), network 1's constant layer entropy 0. With
+      :math:`c = 10^6` the arctan is :math:`\pm\pi/2` to float precision, so
+      :math:`\alpha_0 = 0.7`, :math:`\alpha_1 = 0.3` and both networks become
+      :math:`0.7\,(0, 1, 2, 3) + 0.3 \cdot 1 = (0.3, 1, 1.7, 2.4)` (with two
+      networks and no rounding :math:`\alpha_1 = 1 - \alpha_0`: both end at the same mix).
+
+      >>> import jax.numpy as jnp
+      >>> import sam_optax
+      >>> stacked = {"w": jnp.array([[0.0, 1.0, 2.0, 3.0], [1.0, 1.0, 1.0, 1.0]])}
+      >>> out = sam_optax.averaging.graft(stacked, c=1e6, num_bins=4)
+      >>> print([[round(float(x), 4) for x in row] for row in out["w"]])
+      [[0.3, 1.0, 1.7, 2.4], [0.3, 1.0, 1.7, 2.4]]
 
     References:
       Meng et al, `Filter Grafting for Deep Neural Networks
@@ -219,6 +272,15 @@ def grafting_learning_rates(learning_rate: float, num_networks: int) -> np.ndarr
 
     Returns:
       A float32 numpy array of shape ``(K,)``.
+
+    Examples:
+      With :math:`K = 4`: :math:`0.1\,(1 + \cos(\pi (4 - i)/4))/2` for
+      :math:`i = 1..4`, i.e. :math:`\cos = -0.7071, 0, 0.7071, 1`.
+
+      >>> import sam_optax
+      >>> rates = sam_optax.averaging.grafting_learning_rates(0.1, 4)
+      >>> print([round(float(x), 4) for x in rates])
+      [0.0146, 0.05, 0.0854, 0.1]
     """
     _utils.check_range("learning_rate", learning_rate, low=0.0)
     _common.check_int("num_networks", num_networks, low=1)
@@ -277,6 +339,23 @@ def filter_grafting(
 
     Returns:
       The corresponding :class:`optax.GradientTransformationExtraArgs`.
+
+    Examples:
+      The two networks of :func:`graft`'s example with zero gradients, grafted
+      every 2 steps: unchanged after step 1, grafted after step 2.
+
+      >>> import jax.numpy as jnp
+      >>> import optax
+      >>> import sam_optax
+      >>> tx = sam_optax.averaging.filter_grafting(optax.sgd(0.1), every=2, c=1e6, num_bins=4)
+      >>> w = jnp.array([[0.0, 1.0, 2.0, 3.0], [1.0, 1.0, 1.0, 1.0]])
+      >>> state = tx.init(w)
+      >>> for _ in range(2):
+      ...     updates, state = tx.update(jnp.zeros_like(w), state, w)
+      ...     w = optax.apply_updates(w, updates)
+      ...     print([round(float(x), 4) for x in w[0]])
+      [0.0, 1.0, 2.0, 3.0]
+      [0.3, 1.0, 1.7, 2.4]
 
     References:
       Meng et al, `Filter Grafting for Deep Neural Networks

@@ -52,6 +52,20 @@ def momentum_leaves(inner_state: Any, fields: Sequence[str] = ("trace", "mu")) -
 
     Returns:
       ``[(path, leaf), ...]`` of the selected leaves, in flattening order.
+
+    Examples:
+      SGD's trace and Adam's first moment are selected (Adam's ``nu`` is not):
+
+      >>> import jax
+      >>> import jax.numpy as jnp
+      >>> import optax
+      >>> import sam_optax
+      >>> params = {"w": jnp.zeros(2)}
+      >>> for tx in (optax.sgd(0.1, momentum=0.9), optax.adam(0.1)):
+      ...     leaves = sam_optax.averaging.momentum_leaves(tx.init(params))
+      ...     print([jax.tree_util.keystr(path) for path, _ in leaves])
+      ["[0].trace['w']"]
+      ["[0].mu['w']"]
     """
     flat, _ = jax.tree_util.tree_flatten_with_path(inner_state)
     return [(p, x) for p, x in flat if _is_momentum_leaf(p, x, fields)]
@@ -227,5 +241,24 @@ def lookahead_slow_params(opt_state: Any) -> Any:
 
     Returns:
       The slow weights :math:`\\phi`.
+
+    Examples:
+      SGD with rate 1 and gradient 1, :math:`k = 2`, :math:`\\alpha = 0.5`: after
+      step 1 the fast weights are -1 and the slow ones still 0; after step 2 the
+      fast weights reach -2, the slow ones move to :math:`0 + 0.5(-2 - 0) = -1`
+      and the fast weights are reset to them.
+
+      >>> import jax.numpy as jnp
+      >>> import optax
+      >>> import sam_optax
+      >>> tx = sam_optax.averaging.lookahead(optax.sgd(1.0), sync_period=2, slow_step_size=0.5)
+      >>> w = jnp.zeros(1)
+      >>> state = tx.init(w)
+      >>> for _ in range(2):
+      ...     updates, state = tx.update(jnp.ones(1), state, w)
+      ...     w = optax.apply_updates(w, updates)
+      ...     print(float(w[0]), float(sam_optax.averaging.lookahead_slow_params(state)[0]))
+      -1.0 0.0
+      -1.0 -1.0
     """
     return _common.find_state(opt_state, LookaheadState, "sam_optax.averaging.lookahead").slow

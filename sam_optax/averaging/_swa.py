@@ -135,6 +135,22 @@ def swa_params(opt_state: Any) -> Any:
     Returns:
       The running average (see :class:`SWAState`; ``SWAState.n_averaged`` counts
       the snapshots in it).
+
+    Examples:
+      With ``start_step=0`` the initial weights are the first snapshot: SGD with
+      rate 1 and gradient 1 visits 0, -1, -2, whose mean is -1.
+
+      >>> import jax.numpy as jnp
+      >>> import optax
+      >>> import sam_optax
+      >>> tx = sam_optax.averaging.swa(optax.sgd(1.0), start_step=0)
+      >>> w = jnp.zeros(2)
+      >>> state = tx.init(w)
+      >>> for _ in range(2):
+      ...     updates, state = tx.update(jnp.ones(2), state, w)
+      ...     w = optax.apply_updates(w, updates)
+      >>> print([float(x) for x in sam_optax.averaging.swa_params(state)], int(state.n_averaged))
+      [-1.0, -1.0] 3
     """
     return _common.find_state(opt_state, SWAState, "sam_optax.averaging.swa").average
 
@@ -160,6 +176,15 @@ def swa_cyclic_schedule(alpha1: float, alpha2: float, cycle_length: int) -> opta
 
     Returns:
       An optax schedule.
+
+    Examples:
+      With :math:`c = 3` the steps of a cycle have :math:`t = 1/3, 2/3, 1`:
+      :math:`0.1 - (0.1 - 0.01)\,t = 0.07, 0.04, 0.01`, then the next cycle.
+
+      >>> import sam_optax
+      >>> f = sam_optax.averaging.swa_cyclic_schedule(0.1, 0.01, 3)
+      >>> print([round(float(f(count)), 4) for count in range(4)])
+      [0.07, 0.04, 0.01, 0.07]
 
     References:
       Izmailov et al, `Averaging Weights Leads to Wider Optima and Better
@@ -201,6 +226,16 @@ def swa_official_schedule(
 
     Returns:
       An optax schedule.
+
+    Examples:
+      With ``swa_start=10`` (one step per epoch): 0.1 up to epoch 5
+      (:math:`t \le 0.5`), :math:`0.1\,(1 - 0.5 \cdot 0.2/0.4) = 0.075` at epoch
+      7, then ``swa_lr`` from epoch 9 (:math:`t = 0.9`) on.
+
+      >>> import sam_optax
+      >>> f = sam_optax.averaging.swa_official_schedule(0.1, 0.05, swa_start=10)
+      >>> print([round(float(f(count)), 4) for count in (0, 5, 7, 9, 20)])
+      [0.1, 0.1, 0.075, 0.05, 0.05]
 
     References:
       Izmailov et al, `Averaging Weights Leads to Wider Optima and Better

@@ -29,6 +29,13 @@ def replicate(tree: Any, num_replicas: int) -> Any:
     Returns:
       The pytree with every leaf of shape ``(W, *leaf.shape)`` (fresh arrays).
 
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import sam_optax
+      >>> stacked = sam_optax.averaging.replicate({"w": jnp.array([1.0, 2.0])}, 3)
+      >>> print(stacked["w"].shape, stacked["w"][2].tolist())
+      (3, 2) [1.0, 2.0]
+
     References:
       Gupta et al, `Stochastic Weight Averaging in Parallel: Large-Batch Training
       that Generalizes Well <https://arxiv.org/abs/2001.02312>`_, ICLR 2020
@@ -51,6 +58,15 @@ def average_replicas(stacked: Any, axis: int = 0) -> Any:
 
     Returns:
       The averaged pytree (``axis`` removed).
+
+    Examples:
+      The mean of the replicas :math:`(1, 2), (3, 4), (5, 6)` is :math:`(3, 4)`:
+
+      >>> import jax.numpy as jnp
+      >>> import sam_optax
+      >>> stacked = {"w": jnp.array([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])}
+      >>> print(sam_optax.averaging.average_replicas(stacked)["w"].tolist())
+      [3.0, 4.0]
 
     References:
       Gupta et al, `Stochastic Weight Averaging in Parallel: Large-Batch Training

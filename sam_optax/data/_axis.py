@@ -25,6 +25,14 @@ class DataAxis:
       chunk_mode: ``'auto'`` (default), ``'vmap'``, ``'unroll'`` or ``'scan'``.
       microbatch_size: size of the micro-batches each pass accumulates over.
       selection: the second-pass data selection (e.g. ESAM's SDS), or ``None``.
+
+    Examples:
+      >>> import sam_optax
+      >>> data = sam_optax.data.shards()
+      >>> print(data.m, data.axis_name, data.chunk_mode, data.splits_batch)
+      None () auto False
+      >>> print(sam_optax.data.shards(4).splits_batch)  # shards of 4 examples split the batch
+      True
     """
 
     m: int | None = None

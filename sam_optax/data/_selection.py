@@ -69,6 +69,20 @@ def sharpness_sensitive(gamma: float = 0.5) -> DataSelection:
     Returns:
       A :class:`DataSelection`.
 
+    Examples:
+      With :math:`\gamma = 0.5` a shard of 4 keeps the 2 examples whose loss rose
+      most (by 0.4 and 0.3: examples 1 and 3):
+
+      >>> import jax.numpy as jnp
+      >>> import sam_optax
+      >>> selection = sam_optax.data.sharpness_sensitive(0.5)
+      >>> print(selection.fraction, selection.size(4))
+      0.5 2
+      >>> clean = jnp.array([1.0, 1.0, 1.0, 1.0])
+      >>> perturbed = jnp.array([1.1, 1.4, 1.2, 1.3])
+      >>> print(selection.select(clean, perturbed).tolist())
+      [1, 3]
+
     References:
       Du et al, `Efficient Sharpness-aware Minimization for Improved Training of
       Neural Networks <https://arxiv.org/abs/2110.03141>`_, ICLR 2022

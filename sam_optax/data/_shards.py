@@ -29,7 +29,18 @@ import numpy as np
 
 
 def batch_size(batch: Any) -> int:
-    """Leading dimension shared by every leaf of ``batch``; ValueError otherwise."""
+    """Leading dimension shared by every leaf of ``batch``; ValueError otherwise.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import sam_optax
+      >>> print(sam_optax.data.batch_size({"x": jnp.zeros((8, 3)), "y": jnp.zeros(8)}))
+      8
+      >>> sam_optax.data.batch_size({"x": jnp.zeros((8, 3)), "y": jnp.zeros(4)})
+      Traceback (most recent call last):
+      ...
+      ValueError: every leaf of batch must have the same leading (batch) dimension; got shapes [(8, 3), (4,)].
+    """
     sizes = {int(np.shape(x)[0]) if np.ndim(x) else -1 for x in jax.tree.leaves(batch)}
     if not sizes:
         raise ValueError("batch has no array leaves: nothing to split into shards.")
@@ -87,7 +98,17 @@ def device_groups(batch: Any, n: int) -> tuple[tuple[str, ...], int]:
 
 
 def num_chunks(local_batch: int, m: int | None, *, where: str = "batch") -> int:
-    """Number of m-sharpness chunks in a local batch; ValueError if not divisible."""
+    """Number of m-sharpness chunks in a local batch; ValueError if not divisible.
+
+    Examples:
+      >>> import sam_optax
+      >>> print(sam_optax.data.num_chunks(8, 4), sam_optax.data.num_chunks(8, None))
+      2 1
+      >>> sam_optax.data.num_chunks(6, 4)
+      Traceback (most recent call last):
+      ...
+      ValueError: m=4 must divide the batch size 6 (each shard of m examples computes its own perturbation).
+    """
     if m is None:
         return 1
     if local_batch == 0:
@@ -101,7 +122,15 @@ def num_chunks(local_batch: int, m: int | None, *, where: str = "batch") -> int:
 
 
 def split(batch: Any, num: int) -> Any:
-    """Reshapes every leaf ``[B, ...] -> [num, B // num, ...]`` (contiguous shards)."""
+    """Reshapes every leaf ``[B, ...] -> [num, B // num, ...]`` (contiguous shards).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import sam_optax
+      >>> chunks = sam_optax.data.split({"x": jnp.arange(6)}, 3)
+      >>> print(chunks["x"].tolist())
+      [[0, 1], [2, 3], [4, 5]]
+    """
     return jax.tree.map(lambda x: x.reshape((num, x.shape[0] // num) + x.shape[1:]), batch)
 
 
@@ -129,6 +158,25 @@ def as_device_varying(tree: Any, axis_names: Sequence[str]) -> Any:
     would silently turn per-device m-sharpness into ``n_devices x`` global SAM.
     Casting the params to *varying* first gives each device its own local
     gradient. A no-op outside ``shard_map``/``pmap`` and under ``vmap``.
+
+    Examples:
+      One example :math:`x = 2` per device and the loss :math:`w x`: the gradient
+      of the replicated :math:`w` comes back summed over the :math:`n` devices
+      (:math:`2n`); cast to varying first, each device gets its own (2).
+
+      >>> import jax
+      >>> import jax.numpy as jnp
+      >>> from jax.sharding import PartitionSpec as P
+      >>> import sam_optax
+      >>> mesh = sam_optax.distributed.data_mesh(axis_name="d")
+      >>> def grads(w, x):
+      ...     summed = jax.grad(lambda v: jnp.sum(v * x))(w)
+      ...     local = jax.grad(lambda v: jnp.sum(v * x))(sam_optax.data.as_device_varying(w, ["d"]))
+      ...     return summed[None], local[None]
+      >>> f = jax.shard_map(grads, mesh=mesh, in_specs=(P(), P("d")), out_specs=(P("d"), P("d")))
+      >>> summed, local = f(jnp.ones(1), jnp.full((jax.device_count(),), 2.0))
+      >>> print(float(summed[0, 0]) == 2.0 * jax.device_count(), set(local[:, 0].tolist()))
+      True {2.0}
     """
     manual = set(manual_axes())
     names = tuple(a for a in axis_names if a in manual)
@@ -186,7 +234,19 @@ def averaged_outside(axis_names: Sequence[str]) -> Iterator[None]:
 
 def shard_mean(tree: Any, axis_names: Sequence[str]) -> Any:
     """Mean over the shards of the named axes; floating leaves are averaged in
-    (at least) float32 and returned in their dtype, other leaves take the max."""
+    (at least) float32 and returned in their dtype, other leaves take the max.
+
+    Examples:
+      Under ``jax.vmap`` with an axis name (as under ``shard_map``): floats are
+      averaged, integers take the max.
+
+      >>> import jax
+      >>> import jax.numpy as jnp
+      >>> import sam_optax
+      >>> mean = jax.vmap(lambda x: sam_optax.data.shard_mean(x, ["i"]), axis_name="i")
+      >>> print(mean(jnp.array([1.0, 2.0, 6.0])).tolist(), mean(jnp.array([1, 2, 6])).tolist())
+      [3.0, 3.0, 3.0] [6, 6, 6]
+    """
     outside = _AVERAGED_OUTSIDE.get()
     names = tuple(a for a in axis_names if a not in outside)
     if not names:
@@ -229,6 +289,14 @@ def chunk_mean(stacked: Any) -> Any:
     The mean is a contraction with a vector of ``1/C`` at the highest matmul
     precision: XLA:CPU runs a reduction over a short leading axis of a wide array
     (``[C, N].mean(0)``) up to 100x slower than this.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import sam_optax
+      >>> stacked = {"loss": jnp.array([[1.0, 2.0], [3.0, 4.0]]), "count": jnp.array([3, 5])}
+      >>> out = sam_optax.data.chunk_mean(stacked)
+      >>> print(out["loss"].tolist(), int(out["count"]))
+      [2.0, 3.0] 5
     """
 
     def leaf(x):

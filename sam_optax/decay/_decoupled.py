@@ -40,6 +40,13 @@ def weight_decay_mask(params: Any, min_ndim: int = 2) -> Any:
 
     Returns:
       A pytree of Python bools with the structure of ``params``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import sam_optax
+      >>> params = {"bias": jnp.zeros(3), "kernel": jnp.zeros((3, 2))}
+      >>> print(sam_optax.decay.weight_decay_mask(params))
+      {'bias': False, 'kernel': True}
     """
     _utils.check_int("min_ndim", min_ndim, low=0)
     return jax.tree.map(lambda p: jnp.ndim(p) >= min_ndim, params)
@@ -79,6 +86,24 @@ def decoupled_weight_decay(
 
     Returns:
       The corresponding :class:`optax.GradientTransformationExtraArgs`.
+
+    Examples:
+      SGD with rate 0.1 and gradient 1 gives the update -0.1; the decay adds
+      :math:`-\eta\lambda\theta = -0.5 \cdot 0.1 \cdot 2 = -0.1` to the kernel's,
+      not to the bias's (masked out by :func:`weight_decay_mask`).
+
+      >>> import jax.numpy as jnp
+      >>> import optax
+      >>> import sam_optax
+      >>> params = {"bias": jnp.array([2.0]), "kernel": jnp.array([[2.0]])}
+      >>> tx = optax.chain(
+      ...     optax.sgd(0.1),
+      ...     sam_optax.decay.decoupled_weight_decay(0.1, 0.5, mask=sam_optax.decay.weight_decay_mask),
+      ... )
+      >>> grads = {"bias": jnp.ones(1), "kernel": jnp.ones((1, 1))}
+      >>> updates, _ = tx.update(grads, tx.init(params), params)
+      >>> print(round(float(updates["bias"][0]), 4), round(float(updates["kernel"][0, 0]), 4))
+      -0.1 -0.2
 
     References:
       Loshchilov et al, `Decoupled Weight Decay Regularization
@@ -170,6 +195,24 @@ def sgdw(
 
     Returns:
       The corresponding :class:`optax.GradientTransformationExtraArgs`.
+
+    Examples:
+      :math:`\alpha = 0.1, \beta_1 = 0.9, \lambda = 0.01, \eta = 1`, gradient 1 from
+      :math:`\theta_0 = 2`: :math:`m_1 = 0.1`, :math:`\theta_1 = 2 - 0.1 - 0.02 = 1.88`;
+      :math:`m_2 = 0.09 + 0.1 = 0.19`, :math:`\theta_2 = 1.88 - 0.19 - 0.0188 = 1.6712`.
+
+      >>> import jax.numpy as jnp
+      >>> import optax
+      >>> import sam_optax
+      >>> tx = sam_optax.decay.sgdw(0.1, momentum=0.9, weight_decay=0.01)
+      >>> w = jnp.array([2.0])
+      >>> state = tx.init(w)
+      >>> for _ in range(2):
+      ...     updates, state = tx.update(jnp.ones(1), state, w)
+      ...     w = optax.apply_updates(w, updates)
+      ...     print(round(float(w[0]), 4))
+      1.88
+      1.6712
 
     References:
       Loshchilov et al, `Decoupled Weight Decay Regularization

@@ -81,6 +81,16 @@ def cosine_warm_restarts(
       An optax schedule ``count -> eta_t`` (float32; float64 under
       ``jax_enable_x64``).
 
+    Examples:
+      :math:`T_0 = 4, T_{mult} = 2`: cycles of 4 and 8 steps starting at steps 0,
+      4 and 12; :math:`\eta = 1` at each start and :math:`\frac12` half-way
+      through a cycle (steps 2 and 8).
+
+      >>> import sam_optax
+      >>> f = sam_optax.decay.cosine_warm_restarts(4, t_mult=2.0)
+      >>> print([round(float(f(count)), 4) for count in (0, 2, 3, 4, 8, 12)])
+      [1.0, 0.5, 0.1464, 1.0, 0.5, 1.0]
+
     References:
       Loshchilov et al, `Decoupled Weight Decay Regularization
       <https://arxiv.org/abs/1711.05101>`_, 2019 (App. B.2);
@@ -129,6 +139,14 @@ def normalized_weight_decay(
     Returns:
       :math:`\lambda` as a Python float.
 
+    Examples:
+      Batch 100, 10000 examples, 100 epochs: :math:`10^4` steps, so
+      :math:`\lambda = 0.05 / \sqrt{10^4} = 0.0005`.
+
+      >>> import sam_optax
+      >>> print(round(sam_optax.decay.normalized_weight_decay(0.05, 100, 10000, 100), 8))
+      0.0005
+
     References:
       Loshchilov et al, `Decoupled Weight Decay Regularization
       <https://arxiv.org/abs/1711.05101>`_, 2019 (App. B.1)
@@ -167,6 +185,15 @@ def normalized_weight_decay_restarts(
 
     Returns:
       An optax schedule ``count -> lambda_i``.
+
+    Examples:
+      :math:`T_0 = 4, T_{mult} = 4`: cycles of 4, 16 and 64 steps (starting at
+      steps 0, 4 and 20), so :math:`\lambda_i = 0.05/\sqrt{T_i} = 0.025, 0.0125, 0.00625`.
+
+      >>> import sam_optax
+      >>> f = sam_optax.decay.normalized_weight_decay_restarts(0.05, 4, t_mult=4.0)
+      >>> print([round(float(f(count)), 6) for count in (0, 3, 4, 19, 20)])
+      [0.025, 0.025, 0.0125, 0.0125, 0.00625]
 
     References:
       Loshchilov et al, `Decoupled Weight Decay Regularization

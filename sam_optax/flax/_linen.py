@@ -38,6 +38,25 @@ class TrainState(train_state.TrainState):
         BatchNorm).
       ascent_state: the geometry's state (e.g. the count of a ``rho`` schedule).
       geometry: the :class:`~sam_optax.geometry.AscentGeometry` (static).
+
+    Examples:
+      ``apply_gradients`` hands the rule both gradients; SAM steps with the
+      perturbed one: :math:`0 - 0.1 \\cdot 2 = -0.2`.
+
+      >>> import jax
+      >>> import jax.numpy as jnp
+      >>> import flax.linen as nn
+      >>> import optax
+      >>> import sam_optax
+      >>> net = nn.Dense(1, use_bias=False, kernel_init=nn.initializers.zeros)
+      >>> params = net.init(jax.random.PRNGKey(0), jnp.ones((1, 3)))["params"]
+      >>> state = sam_optax.flax.TrainState.create(
+      ...     apply_fn=net.apply, params=params, tx=sam_optax.sam(optax.sgd(0.1)),
+      ...     geometry=sam_optax.geometry.l2(0.05))
+      >>> grads = {"kernel": jnp.ones((3, 1))}
+      >>> state = state.apply_gradients(grads=grads, perturbed_grads={"kernel": jnp.full((3, 1), 2.0)})
+      >>> print(int(state.step), [round(float(x), 4) for x in state.params["kernel"][:, 0]])
+      1 [-0.2, -0.2, -0.2]
     """
 
     batch_stats: Any = None
@@ -172,6 +191,33 @@ def linen_train_step(
       ``step(state, batch, rng=None, second_pass="auto") -> (state, metrics)`` where ``metrics`` has
       ``loss``, ``perturbed_loss``, ``sharpness`` (their difference) and the
       ``loss_fn`` metrics.
+
+    Examples:
+      The linear model :math:`x \cdot w` at :math:`w = 0` on :math:`x = (1, 1, 1)`,
+      target 1: loss 1, gradient :math:`-2\,(1, 1, 1)`,
+      :math:`\epsilon = -0.05\,(1, 1, 1)/\sqrt 3`, perturbed loss
+      :math:`(1 + 0.05\sqrt 3)^2 = 1.1807`, perturbed gradient
+      :math:`-2(1 + 0.05\sqrt 3) = -2.1732` per coordinate, so SGD with rate 0.1
+      moves :math:`w` to 0.2173.
+
+      >>> import jax
+      >>> import jax.numpy as jnp
+      >>> import flax.linen as nn
+      >>> import optax
+      >>> import sam_optax
+      >>> net = nn.Dense(1, use_bias=False, kernel_init=nn.initializers.zeros)
+      >>> params = net.init(jax.random.PRNGKey(0), jnp.ones((1, 3)))["params"]
+      >>> state = sam_optax.flax.TrainState.create(
+      ...     apply_fn=net.apply, params=params, tx=sam_optax.sam(optax.sgd(0.1)),
+      ...     geometry=sam_optax.geometry.l2(0.05))
+      >>> def loss_fn(apply, batch):
+      ...     return jnp.mean((apply(batch)[:, 0] - 1.0) ** 2)
+      >>> step = sam_optax.flax.linen_train_step(loss_fn)
+      >>> state, metrics = step(state, jnp.ones((4, 3)))
+      >>> print({k: round(float(v), 4) for k, v in sorted(metrics.items())})
+      {'loss': 1.0, 'perturbed_loss': 1.1807, 'sharpness': 0.1807}
+      >>> print([round(float(x), 4) for x in state.params["kernel"][:, 0]])
+      [0.2173, 0.2173, 0.2173]
     """
     collections = tuple(rng_collections)
     sa_kwargs = dict(sa_kwargs, has_aux=True)

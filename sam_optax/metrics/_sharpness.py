@@ -66,6 +66,20 @@ def m_sharpness(
       over them; every batch uses the same ``ascent_state``, i.e. the same
       radius of a scheduled ``rho``).
 
+    Examples:
+      :math:`L(w) = \frac12\lVert w\rVert^2` at :math:`w = (3, 4)` with
+      :math:`\rho = 0.5`: :math:`\epsilon = \rho\, w/\lVert w\rVert = 0.1\,w`, so
+      :math:`L(w + \epsilon) = 1.21 \cdot 12.5 = 15.125` and the sharpness is
+      :math:`15.125 - 12.5 = 2.625`.
+
+      >>> import jax.numpy as jnp
+      >>> import sam_optax
+      >>> loss_fn = lambda w, batch: 0.5 * jnp.sum(w**2) * jnp.mean(batch)
+      >>> f = sam_optax.metrics.m_sharpness(loss_fn, sam_optax.geometry.l2(0.5))
+      >>> out = f(jnp.array([3.0, 4.0]), jnp.ones(4))
+      >>> print(f"{float(out.loss):.4f} {float(out.perturbed_loss):.4f} {float(out.sharpness):.4f}")
+      12.5000 15.1250 2.6250
+
     References:
       Foret et al, `Sharpness-Aware Minimization for Efficiently Improving
       Generalization <https://arxiv.org/abs/2010.01412>`_, 2021 (sections 2 and 5.1)

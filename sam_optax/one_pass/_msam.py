@@ -395,5 +395,25 @@ def msam_perturbed(weights: Any, opt_state: Any) -> Any:
 
     Returns:
       The params to train on.
+
+    Examples:
+      One step of :func:`msam_sgd` from :math:`w = (1, 2)` with :math:`g = (3, 4)`:
+      :math:`v = g`, the real weights are :math:`w - 0.1\,v = (0.7, 1.6)` and the
+      stored point is :math:`w - \rho\, v/\lVert v\rVert = w - (0.3, 0.4) = (0.4, 1.2)`.
+
+      >>> import jax.numpy as jnp
+      >>> import optax
+      >>> import sam_optax
+      >>> tx = sam_optax.one_pass.msam_sgd(0.1, momentum=0.9, rho=0.5, weight_decay=0.0)
+      >>> params = {"w": jnp.array([1.0, 2.0])}
+      >>> state = tx.init(params)
+      >>> updates, state = tx.update({"w": jnp.array([3.0, 4.0])}, state, params)
+      >>> params = optax.apply_updates(params, updates)
+      >>> weights = sam_optax.one_pass.msam_unperturbed(params, state)
+      >>> print([round(float(x), 4) for x in weights["w"]])
+      [0.7, 1.6]
+      >>> back = sam_optax.one_pass.msam_perturbed(weights, state)
+      >>> print([round(float(x), 4) for x in back["w"]])
+      [0.4, 1.2]
     """
     return _shift(weights, opt_state, -1.0)

@@ -91,6 +91,17 @@ def rwp_init(params: Any, key: jax.Array, *, adaptive: bool = True) -> RWPState:
 
     Returns:
       ``RWPState(count=0, key=key, fisher=zeros or None)``.
+
+    Examples:
+      >>> import jax
+      >>> import jax.numpy as jnp
+      >>> import sam_optax
+      >>> params = {"w": jnp.ones(2)}
+      >>> state = sam_optax.one_pass.rwp_init(params, jax.random.PRNGKey(0))
+      >>> print(int(state.count), [float(x) for x in state.fisher["w"]])
+      0 [0.0, 0.0]
+      >>> print(sam_optax.one_pass.rwp_init(params, jax.random.PRNGKey(0), adaptive=False).fisher)
+      None
     """
     fisher = None
     if adaptive:

@@ -92,7 +92,22 @@ def make_schedule(weight, temperature, start_epoch, end_epoch, steps_per_epoch, 
 
 def softened_kl(logits: jax.Array, targets: jax.Array, temperature: float) -> jax.Array:
     r"""Per-example :math:`\mathrm{KL}(p \Vert q)`, :math:`p = \mathrm{softmax}(z_{\rm target}/\tau)`,
-    :math:`q = \mathrm{softmax}(z/\tau)`, in at least float32; no gradient to ``targets``."""
+    :math:`q = \mathrm{softmax}(z/\tau)`, in at least float32; no gradient to ``targets``.
+
+    Examples:
+      With :math:`\tau = 1`, target logits :math:`(0, 0)` give :math:`p = (1/2, 1/2)` and
+      logits :math:`(\ln 3, 0)` give :math:`q = (3/4, 1/4)`, so
+      :math:`\mathrm{KL}(p \Vert q) = \frac12\ln\frac{1/2}{3/4} + \frac12\ln\frac{1/2}{1/4}
+      = \frac12\ln\frac43 \approx 0.1438`; equal logits give 0.
+
+      >>> import jax.numpy as jnp
+      >>> import sam_optax
+      >>> logits = jnp.array([[jnp.log(3.0), 0.0], [1.0, 2.0]])
+      >>> targets = jnp.array([[0.0, 0.0], [1.0, 2.0]])
+      >>> kl = sam_optax.trajectory.softened_kl(logits, targets, temperature=1.0)
+      >>> print([round(float(x), 4) for x in kl])
+      [0.1438, 0.0]
+    """
     z = _utils.to_compute(logits)
     t = jax.lax.stop_gradient(targets).astype(z.dtype)
     log_p = jax.nn.log_softmax(t / temperature, axis=-1)
@@ -167,6 +182,27 @@ def trajectory_step(
 
     Examples:
       See :func:`saf` and :func:`mesa`; a Flax recipe is in :mod:`sam_optax.trajectory`.
+      The first step of :func:`mesa` (on from epoch 1, ``weight=0.8``, :math:`\tau = 5`):
+      the teacher is still the initial weights, so the KL term is 0 while its
+      multiplier is :math:`\lambda\tau^2 = 20`; zero weights give uniform logits
+      over 3 classes, a cross-entropy of :math:`\ln 3 \approx 1.0986`.
+
+      >>> import jax
+      >>> import jax.numpy as jnp
+      >>> import optax
+      >>> import sam_optax
+      >>> reg = sam_optax.trajectory.mesa(steps_per_epoch=2, start_epoch=0)
+      >>> logits_fn = lambda w, b: b["x"] @ w
+      >>> ce = lambda z, b: optax.softmax_cross_entropy_with_integer_labels(z, b["y"]).mean()
+      >>> init, step = sam_optax.trajectory.trajectory_step(logits_fn, ce, optax.sgd(0.1), reg)
+      >>> w = jnp.zeros((2, 3))
+      >>> state = init(w)
+      >>> batch = {"x": jnp.eye(2), "y": jnp.array([0, 1])}
+      >>> w, state, (loss, aux) = jax.jit(step)(w, state, batch)
+      >>> print(f"{float(aux['base_loss']):.4f} {float(aux['trajectory_loss']):.4f}")
+      1.0986 0.0000
+      >>> print(int(aux["epoch"]), float(aux["scale"]), int(state.reg_state.count))
+      1 20.0 1
 
     References:
       Du, Zhou, Feng, Tan, Zhou, `Sharpness-Aware Training for Free

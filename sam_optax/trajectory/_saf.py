@@ -43,6 +43,16 @@ def check_ids(ids: Any, num_examples: int) -> None:
 
     Does nothing for traced ids (inside ``jit``), where an out-of-range id
     instead gets a NaN target and multiplier (NaN loss and gradient) and its write is dropped.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import sam_optax
+      >>> print(sam_optax.trajectory.check_ids(jnp.array([0, 3]), num_examples=4))
+      None
+      >>> sam_optax.trajectory.check_ids(jnp.array([0, 4, -1]), num_examples=4)
+      Traceback (most recent call last):
+      ...
+      ValueError: batch['index'] must hold example ids in [0, num_examples=4), got 2 outside it (e.g. [4, -1]).
     """
     if _utils.is_traced(ids):
         return
