@@ -160,3 +160,28 @@ def test_linen_and_nnx_agree_with_each_other():
         rtol=1e-5,
         atol=1e-6,
     )
+
+
+def test_linen_recompute_twice_and_with_a_jitted_forward():
+    # Each epoch of SWA evaluation recomputes with the same forward: the second call must not
+    # reuse a cached trace (which hid the BatchNorm momenta and raised), nor may a jitted forward.
+    model, variables = averaged_linen_variables()
+
+    def forward(v, b):
+        return model.apply(v, b, train=True, mutable=["batch_stats"])
+
+    xs = [X[:32], X[32:]]
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), variables["params"])
+    per_batch = hand_stats(
+        (p["Dense_0"]["kernel"], p["Dense_0"]["bias"]),
+        (p["BatchNorm_0"]["scale"], p["BatchNorm_0"]["bias"]),
+        (p["Dense_1"]["kernel"], p["Dense_1"]["bias"]),
+        xs,
+    )
+    (m1, _), (m2, _) = expected(per_batch, "batch_average")
+    jitted = jax.jit(forward)
+    jitted(variables, X[:32])  # traced before, as a training loop would have
+    for fwd in (forward, forward, jitted):
+        stats = averaging.recompute_batch_stats(fwd, variables, xs)
+        np.testing.assert_allclose(stats["BatchNorm_0"]["mean"], m1, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(stats["bn_out"]["mean"], m2, rtol=1e-5, atol=1e-5)

@@ -114,6 +114,27 @@ def recompute_batch_stats(
     Returns:
       The new ``batch_stats`` collection, in the dtypes of the given one.
 
+    Examples:
+      Two batches :math:`(1, 3)` and :math:`(5, 7)` of one feature: batch means 2
+      and 6, biased batch variances 1 and 1; so mean 4 and ``"batch_average"``
+      variance 1 (``"total"`` would give :math:`(1 + 9 + 25 + 49)/4 - 4^2 = 5`).
+
+      >>> import jax
+      >>> import jax.numpy as jnp
+      >>> import flax.linen as nn
+      >>> import sam_optax
+      >>> class Net(nn.Module):
+      ...     @nn.compact
+      ...     def __call__(self, x, train):
+      ...         return nn.BatchNorm(use_running_average=not train)(x)
+      >>> net = Net()
+      >>> variables = net.init(jax.random.PRNGKey(0), jnp.zeros((1, 1)), train=False)
+      >>> forward = lambda v, b: net.apply(v, b, train=True, mutable=["batch_stats"])
+      >>> batches = [jnp.array([[1.0], [3.0]]), jnp.array([[5.0], [7.0]])]
+      >>> stats = sam_optax.averaging.recompute_batch_stats(forward, variables, batches)
+      >>> print(float(stats["BatchNorm_0"]["mean"][0]), float(stats["BatchNorm_0"]["var"][0]))
+      4.0 1.0
+
     References:
       Izmailov et al, `Averaging Weights Leads to Wider Optima and Better
       Generalization <https://arxiv.org/abs/1803.05407>`_, 2018
@@ -140,8 +161,10 @@ def recompute_batch_stats(
             momenta[tuple(context.module.path)] = float(context.module.momentum)
         return next_fun(*args, **kwargs)
 
-    with nn.intercept_methods(interceptor):
-        jax.eval_shape(forward, with_zeros, first)
+    # The interceptor runs only while forward is traced: a fresh closure (eval_shape caches by
+    # function) with jit disabled (a jitted forward would reuse its own trace) traces it anew.
+    with nn.intercept_methods(interceptor), jax.disable_jit():
+        jax.eval_shape(lambda v, b: forward(v, b), with_zeros, first)
 
     def module_path(path):
         return tuple(str(getattr(k, "key", k)) for k in path[:-1])
@@ -222,6 +245,19 @@ def recompute_batch_stats_nnx(
 
     Returns:
       ``model``.
+
+    Examples:
+      The batches of :func:`recompute_batch_stats`' example (mean 4, variance 1),
+      written into the model:
+
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> import sam_optax
+      >>> model = nnx.BatchNorm(1, rngs=nnx.Rngs(0))
+      >>> batches = [jnp.array([[1.0], [3.0]]), jnp.array([[5.0], [7.0]])]
+      >>> model = sam_optax.averaging.recompute_batch_stats_nnx(model, batches)
+      >>> print(float(model.mean[...][0]), float(model.var[...][0]))
+      4.0 1.0
 
     References:
       Izmailov et al, `Averaging Weights Leads to Wider Optima and Better
