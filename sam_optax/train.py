@@ -45,7 +45,7 @@ def sharpness_aware_step(
     and ``optax.apply_updates``; ``out`` is the :class:`SharpnessAwareGrads`
     (loss, clean-pass aux, ...). If the optimizer state holds a second-pass
     schedule (LookSAM, :func:`sam_optax.periodic`, :func:`sam_optax.randomized`,
-    :func:`sam_optax.adaptive_policy`), the second pass is skipped on its
+    :func:`sam_optax.late_phase`, :func:`sam_optax.adaptive_policy`), the second pass is skipped on its
     one-pass steps (chosen at run time by ``lax.cond``: ``second_pass="auto"``,
     the default). ``step(...,
     second_pass=True / False)`` overrides that with a
@@ -125,8 +125,8 @@ def step_pair(
 
 def resolve_second_pass(second_pass: Any, opt_state: optax.OptState) -> Any:
     """``"auto"``: the choice of the one second-pass schedule in ``opt_state``
-    (LookSAM, :func:`sam_optax.periodic`, :func:`sam_optax.randomized`: a traced
-    bool; :func:`sam_optax.adaptive_policy`: a ``clean_grads -> bool`` callable),
+    (LookSAM, :func:`sam_optax.periodic`, :func:`sam_optax.randomized`,
+    :func:`sam_optax.late_phase`: a traced bool; :func:`sam_optax.adaptive_policy`: a ``clean_grads -> bool`` callable),
     else ``True`` (``ValueError`` for two schedules, see
     :func:`sam_optax.rules.scheduled_second_pass`); ``True`` / ``False`` / a
     boolean array as they are."""

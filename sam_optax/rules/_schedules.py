@@ -196,8 +196,9 @@ def periodic(rule: optax.GradientTransformation, every: int) -> optax.GradientTr
     ``wsam`` and ``gsam``. The flag of the next update is in the state
     (``sam_step_next``): ``sharpness_aware_step``'s ``second_pass="auto"`` runs
     the second pass only on SAM steps, for :math:`1 + 1/\mathrm{every}` gradient
-    passes per step on average. Steps that always run both passes (the Flax
-    steps) give the same updates, at SAM's cost. ``every = 1`` is SAM.
+    passes per step on average (the Flax Linen and NNX steps do the same). A
+    step that runs both passes anyway (``second_pass=True``) gives the same
+    updates, at SAM's cost. ``every = 1`` is SAM.
 
     Composer advises scaling ``rho`` with ``every`` (its authors used
     ``every=10``, ``rho=0.5`` on ImageNet); nothing is rescaled here.
