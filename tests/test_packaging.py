@@ -66,6 +66,11 @@ for how in ("attribute", "import"):
         sam_optax.flax if how == "attribute" else __import__("sam_optax.flax")
     except ImportError as e:
         errors[how] = str(e)
+for name in ("recompute_batch_stats", "recompute_batch_stats_nnx"):
+    try:
+        getattr(sam_optax.averaging, name)(*[None] * (3 if name == "recompute_batch_stats" else 2))
+    except ImportError as e:
+        errors[name] = str(e)
 import sam_optax.benchmarking  # its flax models are built on first use
 print(json.dumps({
     "w1": [float(v) for v in w1],
@@ -80,9 +85,10 @@ def test_import_and_a_sam_step_without_the_optional_dependencies():
     got = run_python(BLOCK + LIBRARY_WITHOUT_EXTRAS % (OPTIONAL,))
     # SAM by hand: g = w = (3, 4), eps = 0.05 g / 5, w1 = w - 0.1 (w + eps) (plain SGD: 2.7, 3.6)
     assert got["w1"] == pytest.approx([3 - 0.1 * 3.03, 4 - 0.1 * 4.04], rel=1e-6)
-    assert set(got["errors"]) == {"attribute", "import"}
-    for message in got["errors"].values():
-        assert message.startswith("sam_optax.flax needs Flax") and message.endswith("pip install sam-optax[flax]")
+    assert set(got["errors"]) == {"attribute", "import", "recompute_batch_stats", "recompute_batch_stats_nnx"}
+    for how, message in got["errors"].items():
+        assert message.startswith(how if how.startswith("recompute") else "sam_optax.flax")
+        assert " needs Flax" in message and message.endswith("pip install sam-optax[flax]")
     assert got["loaded"] == []
 
 

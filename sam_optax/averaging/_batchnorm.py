@@ -14,6 +14,18 @@ from sam_optax.averaging import _common
 VARIANCES = ("batch_average", "total")
 
 
+def _flax(what: str):
+    """``flax`` with ``flax.linen`` and ``flax.nnx`` loaded; without it an ImportError that names the extra."""
+    try:
+        import flax.linen  # noqa: F401
+        import flax.nnx  # noqa: F401
+    except ImportError as e:
+        raise ImportError(f"{what} needs Flax, an optional dependency ({e}): pip install sam-optax[flax]") from e
+    import flax
+
+    return flax
+
+
 def _default_batch_size(batch: Any) -> int:
     leaves = jax.tree.leaves(batch)
     if not leaves or jnp.ndim(leaves[0]) == 0:
@@ -139,7 +151,7 @@ def recompute_batch_stats(
       Izmailov et al, `Averaging Weights Leads to Wider Optima and Better
       Generalization <https://arxiv.org/abs/1803.05407>`_, 2018
     """
-    import flax.linen as nn
+    nn = _flax("recompute_batch_stats").linen
 
     _check_variance(variance)
     size_of = batch_size or _default_batch_size
@@ -263,7 +275,7 @@ def recompute_batch_stats_nnx(
       Izmailov et al, `Averaging Weights Leads to Wider Optima and Better
       Generalization <https://arxiv.org/abs/1803.05407>`_, 2018
     """
-    from flax import nnx
+    nnx = _flax("recompute_batch_stats_nnx").nnx
 
     _check_variance(variance)
     size_of = batch_size or _default_batch_size
