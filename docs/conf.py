@@ -23,6 +23,7 @@ extensions = [
     "sphinx.ext.autosummary",
     "sphinx.ext.napoleon",  # Google-style docstrings
     "sphinx.ext.mathjax",
+    "sphinx-mathjax-offline",  # MathJax served from _static: equations render without a network
     "sphinx.ext.viewcode",
     "sphinx.ext.doctest",
     "coverage_check",  # docs/_ext: every public name has an API page and a docstring
@@ -47,10 +48,15 @@ napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 napoleon_use_rtype = False
 
-# MyST markdown and notebooks. The notebooks are shown as committed (without outputs): executing
-# them takes minutes on CPU, and tests/test_notebooks.py executes and checks them already.
+# MyST markdown and notebooks. The notebooks are committed without outputs and executed at every
+# build ("auto": the ones without outputs), so the site shows what the code gives now; a notebook
+# that raises fails the build.
 myst_enable_extensions = ["dollarmath", "colon_fence"]
-nb_execution_mode = "off"
+nb_execution_mode = "auto"
+nb_execution_timeout = 600
+nb_execution_in_temp = True  # files a notebook writes (its figures) go to a temporary folder
+nb_execution_raise_on_error = True
+nb_execution_show_tb = True
 
 html_theme = "sphinx_book_theme"
 html_title = "sam_optax"

@@ -83,7 +83,8 @@ def test_docs_build_without_warnings(tmp_path):
     for name in ("sphinx", "myst_nb", "sphinx_book_theme"):
         pytest.importorskip(name)
     out = tmp_path / "html"
-    cmd = [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q", "-b", "html"]
+    # The notebooks are not executed here: .ci/run's build executes them (checked with the site).
+    cmd = [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q", "-b", "html", "-D", "nb_execution_mode=off"]
     cmd += ["-d", str(tmp_path / "doctrees"), str(DOCS), str(out)]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -93,3 +94,109 @@ def test_docs_build_without_warnings(tmp_path):
     assert "per-example multiplier" in scale and "str(object=" not in scale  # its #: comment, not str's doc
     assert (out / "api" / "geometry.html").is_file()
     assert (out / "notebooks" / "01_quickstart.html").is_file()
+
+
+# Every rule, geometry and wrapper (every public function and class that is not a NamedTuple
+# state) has a docstring example that prints its result, checked by pytest's doctest run.
+EXAMPLE_MODULES = (
+    "sam_optax",
+    "sam_optax.rules",
+    "sam_optax.geometry",
+    "sam_optax.data",
+    "sam_optax.one_pass",
+    "sam_optax.trajectory",
+    "sam_optax.averaging",
+    "sam_optax.decay",
+    "sam_optax.metrics",
+    "sam_optax.swp",
+    "sam_optax.distributed",
+    "sam_optax.flax",
+)
+
+
+def names_without_printed_example(module_names=EXAMPLE_MODULES):
+    import doctest
+    import importlib
+    import inspect
+
+    finder = doctest.DocTestFinder()
+    missing = []
+    for module_name in module_names:
+        module = importlib.import_module(module_name)
+        for name in module.__all__:
+            obj = getattr(module, name)
+            if not (inspect.isfunction(obj) or inspect.isclass(obj)) or (
+                inspect.isclass(obj) and issubclass(obj, tuple)
+            ):
+                continue
+            tests = finder.find(obj, name) if obj.__doc__ else []
+            if not any(e.want.strip() for t in tests if t.name.endswith(name) for e in t.examples):
+                missing.append(f"{module_name}.{name}")
+    return missing
+
+
+def test_every_rule_geometry_and_wrapper_has_a_printed_example():
+    assert names_without_printed_example() == []
+
+
+def test_printed_example_check_finds_a_missing_one():
+    fake = types.ModuleType("fake_examples")
+
+    def shown():
+        """Does it.
+
+        Examples:
+          >>> print(1 + 1)
+          2
+        """
+
+    def silent():
+        """Does it.
+
+        Examples:
+          >>> x = 1
+        """
+
+    fake.shown, fake.silent, fake.__all__ = shown, silent, ["shown", "silent"]
+    sys.modules["fake_examples"] = fake
+    try:
+        assert names_without_printed_example(["fake_examples"]) == ["fake_examples.silent"]
+    finally:
+        del sys.modules["fake_examples"]
+
+
+SITE = DOCS / "_build" / "html"
+
+
+def site_checker():
+    import shutil
+
+    pytest.importorskip("playwright")
+    if not (SITE / "index.html").exists():
+        pytest.skip("the site is not built (.ci/run builds it before the tests)")
+    if not shutil.which("chromium"):
+        pytest.skip("no chromium (.ci/run installs Debian's)")
+    spec = importlib.util.spec_from_file_location("check_site", DOCS / "check_site.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_site_check_passes_and_finds_what_is_broken(tmp_path):
+    import shutil
+
+    check = site_checker()
+    assert check.check_site(SITE) == []
+    broken = tmp_path / "html"
+    shutil.copytree(SITE, broken)
+    index = broken / "index.html"
+    index.write_text(index.read_text().replace('href="getting_started.html"', 'href="gone.html"'))
+    shutil.rmtree(broken / "_static" / "mathjax")  # equations stay TeX
+    (broken / "_autosummary" / "sam_optax.rules.sam.html").unlink()
+    problems = check.check_site(broken)
+    assert any(p.startswith("index.html: broken link") and "gone.html" in p for p in problems)
+    assert any(p.startswith("methods/sam.html:") and "not rendered" in p for p in problems)
+    assert "_autosummary/sam_optax.rules.sam.html: missing page (HTTP 404)" in problems
+    # The build that made the site (.ci/run's) executed the notebooks: their outputs are on the pages.
+    assert 'class="cell_output' in (SITE / "notebooks" / "01_quickstart.html").read_text()
