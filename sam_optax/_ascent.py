@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from sam_optax import _utils
 from sam_optax.geometry import AscentGeometry
 
 
-def project(geometry: AscentGeometry, eps: Any, grads: Any, params: Any, radius: jax.Array) -> Any:
+def project(
+    geometry: AscentGeometry, eps: optax.Updates, grads: optax.Updates, params: optax.Params, radius: jax.Array
+) -> optax.Updates:
     """Radial rescaling of ``eps`` back onto the ball of ``radius`` (of the geometry's norm)."""
     assert geometry.norm is not None  # two_pass._check_args: ascent_steps > 1 needs a norm
     r = geometry.norm(eps, grads, params)
@@ -22,14 +24,14 @@ def project(geometry: AscentGeometry, eps: Any, grads: Any, params: Any, radius:
 
 def refine(
     geometry: AscentGeometry,
-    grad_at: Callable[[Any], Any],
-    params: Any,
-    grads: Any,
-    state: Any,
-    eps: Any,
+    grad_at: Callable[[optax.Params], optax.Updates],
+    params: optax.Params,
+    grads: optax.Updates,
+    state: optax.OptState,
+    eps: optax.Updates,
     steps: int,
     step_size: float,
-) -> Any:
+) -> optax.Updates:
     r"""``steps`` projected ascent steps from the one-step perturbation ``eps``.
 
     .. math::

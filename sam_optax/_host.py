@@ -24,7 +24,10 @@ def host_chosen_step(
     *,
     has_aux: bool = False,
     donate: bool = True,
-) -> tuple[Callable[[Any], SharpnessAwareState], Callable[..., tuple[Any, SharpnessAwareState, SharpnessAwareGrads]]]:
+) -> tuple[
+    Callable[[optax.Params], SharpnessAwareState],
+    Callable[..., tuple[optax.Params, SharpnessAwareState, SharpnessAwareGrads]],
+]:
     r""":func:`sharpness_aware_step` with a second-pass schedule, the program picked on the host each step.
 
     ``second_pass="auto"`` runs the second pass inside a ``lax.cond``; XLA:CPU
@@ -58,8 +61,7 @@ def host_chosen_step(
       programs; ``out.perturbed_loss`` is the clean loss on one-pass steps, and
       ``step.last_second_pass`` says whether the last call ran the second pass.
 
-    Example::
-
+    Examples:
       >>> import jax.numpy as jnp, optax, sam_optax
       >>> loss_fn = lambda w, b: jnp.mean((b @ w - 1.0) ** 2)
       >>> tx = sam_optax.periodic(sam_optax.sam(optax.sgd(0.1)), every=2)
@@ -97,7 +99,7 @@ def host_chosen_step(
     return init, step
 
 
-def _flag_reader(opt_state: Any) -> Callable[[Any], bool] | None:
+def _flag_reader(opt_state: optax.OptState) -> Callable[[optax.OptState], bool] | None:
     """``opt_state -> bool`` reading the schedule's flag by its leaf index, ``None`` for
     AE-SAM's decision (a callable of the clean gradient)."""
     flag = scheduled_second_pass(opt_state)

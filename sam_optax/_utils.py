@@ -383,7 +383,7 @@ def tree_vdot(a: Any, b: Any) -> jax.Array:
     return tree_sum(jax.tree.map(lambda x, y: to_compute(x) * to_compute(y), a, b))
 
 
-def add_perturbation(params: Any, perturbation: Any) -> Any:
+def add_perturbation(params: optax.Params, perturbation: optax.Updates) -> optax.Params:
     """``params + perturbation`` computed in float32, returned in the params' dtypes."""
     return jax.tree.map(lambda p, e: (to_compute(p) + e).astype(jnp.asarray(p).dtype), params, perturbation)
 

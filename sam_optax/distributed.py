@@ -25,6 +25,7 @@ from typing import Any
 
 import jax
 import numpy as np
+import optax
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -134,7 +135,7 @@ def _on_mesh_spec(x: Any, mesh: jax.sharding.Mesh) -> P | None:
     return None
 
 
-def _like_subtrees(tree: Any, like: Any) -> Any:
+def _like_subtrees(tree: Any, like: optax.Params) -> Any:
     """``tree`` with every subtree shaped like ``like`` (same structure and leaf
     shapes: a copy of the parameters in an optimizer state) replaced by a
     marker pairing it with ``like``."""
@@ -156,7 +157,7 @@ class _Like:
         self.tree = tree
 
 
-def place(tree: Any, mesh: jax.sharding.Mesh, like: Any = None) -> Any:
+def place(tree: Any, mesh: jax.sharding.Mesh, like: optax.Params | None = None) -> Any:
     """Puts every array of ``tree`` on ``mesh``, where a jitted step leaves it.
 
     * a subtree shaped like ``like`` (the parameters: same structure and leaf
@@ -182,8 +183,7 @@ def place(tree: Any, mesh: jax.sharding.Mesh, like: Any = None) -> Any:
     Returns:
       ``tree`` with every array on ``mesh``.
 
-    Example::
-
+    Examples:
       >>> import jax, jax.numpy as jnp, optax, sam_optax
       >>> mesh = sam_optax.distributed.data_mesh(devices=jax.devices()[:1])
       >>> params = sam_optax.distributed.place({"w": jnp.zeros(3)}, mesh)
@@ -259,8 +259,7 @@ def abstract_like(tree: Any) -> Any:
     Returns:
       The pytree of ``jax.ShapeDtypeStruct``.
 
-    Example::
-
+    Examples:
       >>> import jax, jax.numpy as jnp, sam_optax
       >>> sam_optax.distributed.abstract_like({"w": jnp.zeros(3)})["w"].shape
       (3,)

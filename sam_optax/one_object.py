@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import optax
@@ -21,8 +21,8 @@ class SharpnessAwareTxState(NamedTuple):
       ascent_state: the geometry's state.
     """
 
-    rule_state: Any
-    ascent_state: Any
+    rule_state: optax.OptState
+    ascent_state: optax.OptState
 
 
 def sharpness_aware(
@@ -95,7 +95,9 @@ def sharpness_aware(
     def init_fn(params):
         return SharpnessAwareTxState(rule_state=rule.init(params), ascent_state=geometry.init(params))
 
-    def update_fn(updates, state, params=None, *, grad_fn: Callable[[Any], Any] | None = None, **extra_args):
+    def update_fn(
+        updates, state, params=None, *, grad_fn: Callable[[optax.Params], optax.Updates] | None = None, **extra_args
+    ):
         if grad_fn is None or not callable(grad_fn):
             raise ValueError("sharpness_aware needs grad_fn=: update(grads, state, params, grad_fn=...).")
         if params is None:

@@ -179,8 +179,7 @@ def skip_weight_grads(
     Returns:
       ``f(params, *rest)``, to be differentiated with respect to ``params``.
 
-    Example::
-
+    Examples:
       >>> import jax, jax.numpy as jnp
       >>> loss = lambda p, x: jnp.sum(jnp.tanh(x @ p["a"]) @ p["b"])
       >>> p = {"a": jnp.ones((3, 4)), "b": jnp.ones((4, 2))}
@@ -214,7 +213,13 @@ def skip_weight_grads(
     return wrapped
 
 
-def _check_rule(tx: optax.GradientTransformation, grads: Any, opt_state: Any, params: Any, perturbed: Any) -> None:
+def _check_rule(
+    tx: optax.GradientTransformation,
+    grads: optax.Updates,
+    opt_state: optax.OptState,
+    params: optax.Params,
+    perturbed: optax.Updates,
+) -> None:
     """``ValueError`` unless ``tx.update``'s outputs (updates and state) do not depend on
     the values of the clean gradient (read off its jaxpr at trace time: no run-time cost)."""
     from jax._src.interpreters import partial_eval as pe  # dead-code elimination of a jaxpr
@@ -262,7 +267,10 @@ def swp_step(
     *,
     has_aux: bool = False,
     skip: Any = "auto",
-) -> tuple[Callable[[Any], SharpnessAwareState], Callable[..., tuple[Any, SharpnessAwareState, SharpnessAwareGrads]]]:
+) -> tuple[
+    Callable[[optax.Params], SharpnessAwareState],
+    Callable[..., tuple[optax.Params, SharpnessAwareState, SharpnessAwareGrads]],
+]:
     r"""ESAM's training step whose clean pass skips the masked tensors' weight gradients.
 
     As :func:`sam_optax.sharpness_aware_step` (same ``(init, step)``, same

@@ -23,8 +23,8 @@ class SharpnessAwareState(NamedTuple):
       ascent_state: the geometry's state (rho schedule count, SWP key, ...).
     """
 
-    opt_state: Any
-    ascent_state: Any
+    opt_state: optax.OptState
+    ascent_state: optax.OptState
 
 
 def sharpness_aware_step(
@@ -36,7 +36,10 @@ def sharpness_aware_step(
     has_aux: bool = False,
     ascent_steps: int = 1,
     ascent_step_size: float | None = None,
-) -> tuple[Callable[[Any], SharpnessAwareState], Callable[..., tuple[Any, SharpnessAwareState, SharpnessAwareGrads]]]:
+) -> tuple[
+    Callable[[optax.Params], SharpnessAwareState],
+    Callable[..., tuple[optax.Params, SharpnessAwareState, SharpnessAwareGrads]],
+]:
     """The training step of ``tx`` (a sam_optax rule, possibly wrapped) as ``(init, step)``.
 
     ``step(params, state, batch, *args) -> (params, state, out)`` runs
@@ -93,7 +96,10 @@ def step_pair(
     geometry: AscentGeometry,
     data: DataAxis | None,
     before_update: Callable[..., None] | None = None,
-) -> tuple[Callable[[Any], SharpnessAwareState], Callable[..., tuple[Any, SharpnessAwareState, SharpnessAwareGrads]]]:
+) -> tuple[
+    Callable[[optax.Params], SharpnessAwareState],
+    Callable[..., tuple[optax.Params, SharpnessAwareState, SharpnessAwareGrads]],
+]:
     """The ``(init, step)`` of :func:`sharpness_aware_step` around a two-pass
     function ``sa_grad`` (also used by :func:`sam_optax.swp.swp_step`);
     ``before_update(tx, out, opt_state, params, second_pass)`` runs at trace
@@ -139,7 +145,7 @@ def resolve_second_pass(second_pass: Any, opt_state: optax.OptState) -> Any:
 
 def plain_step(
     loss_fn: Callable[..., Any], tx: optax.GradientTransformation, *, has_aux: bool = False
-) -> tuple[Callable[[Any], Any], Callable[..., tuple[Any, Any, Any]]]:
+) -> tuple[Callable[[optax.Params], optax.OptState], Callable[..., tuple[optax.Params, optax.OptState, Any]]]:
     """The same ``(init, step)`` shape for a plain (one-pass) optax optimizer;
     ``step`` returns ``(params, opt_state, (loss, aux))``.
 

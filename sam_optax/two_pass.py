@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from sam_optax import _ascent, _utils
 from sam_optax.data import _layout, _shards
@@ -48,10 +49,10 @@ class SharpnessAwareGrads(NamedTuple):
 
     loss: jax.Array
     aux: Any
-    grads: Any
-    perturbed_grads: Any
+    grads: optax.Updates
+    perturbed_grads: optax.Updates
     perturbed_loss: jax.Array
-    ascent_state: Any
+    ascent_state: optax.OptState
 
 
 class _Always(NamedTuple):
@@ -68,12 +69,12 @@ _ALWAYS = _Always()
 class _ShardResult(NamedTuple):
     loss: jax.Array
     aux: Any
-    grads: Any
-    perturbed_grads: Any
+    grads: optax.Updates
+    perturbed_grads: optax.Updates
     perturbed_loss: jax.Array
 
 
-def _first_leaf(params: Any) -> jax.Array | None:
+def _first_leaf(params: optax.Params) -> jax.Array | None:
     """A parameter whose manual mesh axes a scan carry must vary over (``None``: no params)."""
     leaves = jax.tree.leaves(params)
     return leaves[0] if leaves else None

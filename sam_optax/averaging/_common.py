@@ -25,7 +25,7 @@ def copy_tree(tree: Any, dtype: Any | None = None) -> Any:
     return jax.tree.map(lambda x: jnp.array(x, dtype=dtype or jnp.asarray(x).dtype, copy=True), tree)
 
 
-def interpolate(old: Any, new: Any, weight: jax.Array, take: jax.Array) -> Any:
+def interpolate(old: optax.Params, new: optax.Params, weight: jax.Array, take: jax.Array) -> optax.Params:
     """``old * (1 - w) + new * w`` where ``take``, else ``old``; computed in at least
     float32 (``w`` cast to that dtype), stored in ``old``'s dtype. With ``w = 1``
     the result is exactly ``new``."""
@@ -39,7 +39,7 @@ def interpolate(old: Any, new: Any, weight: jax.Array, take: jax.Array) -> Any:
     return jax.tree.map(leaf, old, new)
 
 
-def find_state(opt_state: Any, cls: type, what: str) -> Any:
+def find_state(opt_state: optax.OptState, cls: type, what: str) -> optax.OptState:
     """The unique ``cls`` state anywhere inside a (possibly chained) optimizer state."""
     found = optax.tree.get(opt_state, cls.__name__, filtering=lambda path, v: isinstance(v, cls))
     if found is None:

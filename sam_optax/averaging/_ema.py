@@ -22,8 +22,8 @@ class WeightEMAState(NamedTuple):
     """
 
     count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax; shape=(), int32.
-    ema: Any
-    inner_state: Any
+    ema: optax.Params
+    inner_state: optax.OptState
 
 
 def weight_ema(
@@ -128,7 +128,7 @@ def weight_ema(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def ema_params(opt_state: Any) -> Any:
+def ema_params(opt_state: optax.OptState) -> optax.Params:
     """The averaged weights held in an optimizer state built with :func:`weight_ema`.
 
     Works on the state of ``weight_ema(...)`` or of any chain / wrapper containing

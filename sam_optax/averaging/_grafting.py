@@ -128,7 +128,7 @@ def grafting_coefficient(
     return alpha
 
 
-def layers_by_module(params: Any) -> Any:
+def layers_by_module(params: optax.Params) -> Any:
     """Layer labels that group the leaves of one module (``kernel`` with ``bias``).
 
     The label of a leaf is its path without the last key, so e.g. a Flax
@@ -154,7 +154,7 @@ def layers_by_module(params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(lambda path, _: jax.tree_util.keystr(path[:-1]), params)
 
 
-def _labels(layers: Layers, params: Any, treedef) -> list[Hashable]:
+def _labels(layers: Layers, params: optax.Params, treedef) -> list[Hashable]:
     n = treedef.num_leaves
     if layers is None:
         return list(range(n))
@@ -164,7 +164,7 @@ def _labels(layers: Layers, params: Any, treedef) -> list[Hashable]:
 
 
 def graft(
-    stacked_params: Any,
+    stacked_params: optax.Params,
     a: float = 0.4,
     c: float = 500.0,
     num_bins: int = 10,
@@ -172,7 +172,7 @@ def graft(
     layers: Layers = None,
     round_decimals: int | None = None,
     exclusive_max: bool = False,
-) -> Any:
+) -> optax.Params:
     r"""One ring grafting of K networks stacked on the leading axis.
 
     For network :math:`i` and layer :math:`l`, with network :math:`i-1` the
@@ -297,7 +297,7 @@ class GraftingState(NamedTuple):
     """
 
     count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax; shape=(), int32.
-    inner_state: Any
+    inner_state: optax.OptState
 
 
 def filter_grafting(

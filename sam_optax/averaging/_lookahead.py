@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -28,8 +28,8 @@ class LookaheadState(NamedTuple):
     """
 
     count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax; shape=(), int32.
-    slow: Any
-    inner_state: Any
+    slow: optax.Params
+    inner_state: optax.OptState
     cached_momentum: tuple | None = None
 
 
@@ -38,7 +38,7 @@ def _is_momentum_leaf(path, leaf, fields) -> bool:
     return bool(names & set(fields)) and jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.inexact)
 
 
-def momentum_leaves(inner_state: Any, fields: Sequence[str] = ("trace", "mu")) -> list:
+def momentum_leaves(inner_state: optax.OptState, fields: Sequence[str] = ("trace", "mu")) -> list:
     """The inner-state leaves :func:`lookahead` treats as momentum buffers.
 
     A leaf is selected when its path goes through a ``NamedTuple`` field named in
@@ -230,7 +230,7 @@ def lookahead(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def lookahead_slow_params(opt_state: Any) -> Any:
+def lookahead_slow_params(opt_state: optax.OptState) -> optax.Params:
     """The slow weights held in an optimizer state built with :func:`lookahead`.
 
     Works on the state of ``lookahead(...)`` or of any chain / wrapper containing

@@ -25,8 +25,8 @@ class SWAState(NamedTuple):
 
     count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax; shape=(), int32.
     n_averaged: jax.Array  # shape=(), dtype=jnp.int32.
-    average: Any
-    inner_state: Any
+    average: optax.Params
+    inner_state: optax.OptState
 
 
 def swa(
@@ -123,7 +123,7 @@ def swa(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def swa_params(opt_state: Any) -> Any:
+def swa_params(opt_state: optax.OptState) -> optax.Params:
     """The SWA weights held in an optimizer state built with :func:`swa`.
 
     Works on the state of ``swa(...)`` itself or of any chain / wrapper containing

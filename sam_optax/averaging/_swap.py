@@ -6,6 +6,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from sam_optax import _utils
 from sam_optax.averaging import _common
@@ -44,7 +45,7 @@ def replicate(tree: Any, num_replicas: int) -> Any:
     return jax.tree.map(lambda x: jnp.repeat(jnp.asarray(x)[None], num_replicas, axis=0), tree)
 
 
-def average_replicas(stacked: Any, axis: int = 0) -> Any:
+def average_replicas(stacked: optax.Params, axis: int = 0) -> optax.Params:
     r"""SWAP phase 3: the mean of the replicas' weights, :math:`w = \frac1W\sum_k w^{(k)}`.
 
     The mean is computed in (at least) float32 and returned in each leaf's dtype.

@@ -133,8 +133,7 @@ def shards(
       A :class:`DataAxis`, the ``data`` argument of
       :func:`sam_optax.sharpness_aware_grad`.
 
-    Example::
-
+    Examples:
       >>> import sam_optax
       >>> data = sam_optax.data.shards(16, chunk_mode="scan")
       >>> data.m, data.chunk_mode

@@ -33,6 +33,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from jax.experimental.shard_alike import shard_alike
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -87,7 +88,7 @@ def _vmapped(local: Callable[..., Any], mesh: jax.sharding.Mesh, axes: tuple[str
     return run
 
 
-def _like_params(params: Any, grads: Any) -> Any:
+def _like_params(params: optax.Params, grads: optax.Updates) -> optax.Updates:
     """``grads`` in the same sharding group as ``params`` (``shard_alike``): on an
     Auto mesh the partitioner would otherwise choose the gradients' sharding
     itself (measured: replicated, all-reduced, for FSDP parameters). Leaves whose

@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
 from jax.extend import core as jax_core
 
 from sam_optax.data import _shards
@@ -64,7 +65,9 @@ def scan_mean(fn: Callable[[Any], tuple[Any, Any]], stacked: Any, side: Any, lik
     return jax.tree.map(lambda t, s: _finish(t, n, s.dtype), total, shapes), side
 
 
-def _local_chunks(body: Callable[[Any], tuple[Any, Any]], batch: Any, n: int, mode: str, state: Any, like: jax.Array):
+def _local_chunks(
+    body: Callable[[Any], tuple[Any, Any]], batch: Any, n: int, mode: str, state: optax.OptState, like: jax.Array
+):
     """``body`` over ``n`` contiguous chunks of ``batch`` (one device's), laid out by ``mode``."""
     if n == 1:
         return body(batch)
@@ -131,7 +134,9 @@ def auto_mode(body: Callable[[Any], Any], chunks: Any) -> str:
     return "unroll" if any(c in names for c in _CONVOLUTIONS) else "vmap"
 
 
-def over_chunks(body: Callable[[Any], tuple[Any, Any]], batch: Any, n: int, mode: str, state: Any, like: jax.Array):
+def over_chunks(
+    body: Callable[[Any], tuple[Any, Any]], batch: Any, n: int, mode: str, state: optax.OptState, like: jax.Array
+):
     """Runs ``body(shard) -> (result, new_state)`` on ``n`` contiguous chunks of
     ``batch`` laid out by ``mode``; returns ``(chunk mean of result, new_state)``.
 

@@ -8,6 +8,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from sam_optax import _utils
 
@@ -96,10 +97,10 @@ def sharpness_sensitive(gamma: float = 0.5) -> DataSelection:
 def selected_pass(
     selection: DataSelection,
     losses_at: Callable[[Any], jax.Array],
-    grads_on: Callable[[Any], Any],
+    grads_on: Callable[[Any], optax.Updates],
     shard: Any,
     clean_losses: jax.Array,
-) -> tuple[jax.Array, Any]:
+) -> tuple[jax.Array, optax.Updates]:
     """The second pass of a shard with data selection: per-example losses at the
     perturbed weights (``losses_at(shard)``, forward only), then the gradient on the
     selected examples (``grads_on(sub-shard)``). Returns ``(perturbed loss of the

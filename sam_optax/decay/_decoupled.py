@@ -27,7 +27,7 @@ class DecoupledWeightDecayState(NamedTuple):
     count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax; shape=(), int32.
 
 
-def weight_decay_mask(params: Any, min_ndim: int = 2) -> Any:
+def weight_decay_mask(params: optax.Params, min_ndim: int = 2) -> Any:
     """A decay mask that decays only leaves with at least ``min_ndim`` dimensions.
 
     Kernels and convolution filters decay; biases, norm scales/offsets (1-D) and

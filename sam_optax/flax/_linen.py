@@ -60,7 +60,7 @@ class TrainState(train_state.TrainState):
     """
 
     batch_stats: Any = None
-    ascent_state: Any = None
+    ascent_state: optax.OptState | None = None
     geometry: AscentGeometry | None = struct.field(pytree_node=False, default=None)
 
     @classmethod

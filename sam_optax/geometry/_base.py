@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -119,7 +119,7 @@ def make_geometry(perturb: PerturbFn, norm: NormFn, rho: _utils.ScalarOrSchedule
     return AscentGeometry(init_fn, update_fn, norm_fn)
 
 
-def require_params(params: Any, geometry: str) -> None:
+def require_params(params: optax.Params | None, geometry: str) -> None:
     """Raises ``ValueError`` if ``params`` is ``None`` (the geometry reads the weights)."""
     if params is None:
         raise ValueError(

@@ -7,6 +7,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from sam_optax import _utils
 from sam_optax.geometry._base import AscentGeometry, make_geometry
@@ -80,7 +81,7 @@ def _pnorm(tree: Any, p: Any) -> jax.Array:
     return d * big * total ** (1.0 / p)
 
 
-def dual_direction(g: Any, p: float | jax.Array, eps: float | jax.Array) -> Any:
+def dual_direction(g: optax.Updates, p: float | jax.Array, eps: float | jax.Array) -> optax.Updates:
     r"""Maximizer of :math:`\langle g, \delta\rangle` over the unit p-norm ball.
 
     :math:`\delta = \mathrm{sign}(g)\,(|g| / (\lVert g\rVert_q + \varepsilon))^{q-1}`
@@ -111,7 +112,7 @@ def dual_direction(g: Any, p: float | jax.Array, eps: float | jax.Array) -> Any:
     return jax.tree.map(lambda x: jnp.sign(x) * (jnp.abs(x) / denom) ** (q - 1.0), g)
 
 
-def _traced_dual_direction(g: Any, p: jax.Array, eps: float | jax.Array) -> Any:
+def _traced_dual_direction(g: optax.Updates, p: jax.Array, eps: float | jax.Array) -> optax.Updates:
     """:func:`dual_direction` for a traced ``p``: the general formula with
     ``q = 1`` at ``p = inf`` (then ``|x| ** 0 = 1`` gives ``sign(g)``), and the
     ``p = 1`` branch selected with ``where``."""

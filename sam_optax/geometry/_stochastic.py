@@ -7,6 +7,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from sam_optax import _utils
 from sam_optax.geometry._base import AscentGeometry
@@ -22,7 +23,7 @@ class StochasticState(NamedTuple):
     """
 
     key: jax.Array
-    inner_state: Any
+    inner_state: optax.OptState
 
 
 def tensor_bits(key: jax.Array, tree: Any, beta: float) -> list:
@@ -65,7 +66,7 @@ def swp_config(geometry: Any) -> SWPConfig | None:
         return None
 
 
-def keep_bits(state: StochasticState, params: Any, beta: float) -> Any:
+def keep_bits(state: StochasticState, params: optax.Params, beta: float) -> Any:
     """The per-tensor mask bits the next ``update`` of a ``granularity='tensor'``
     geometry will draw from ``state`` (same key split), as a tree of boolean
     scalars shaped like ``params``; known before the clean gradient pass."""

@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from jax.flatten_util import ravel_pytree
 
 from sam_optax import _utils
@@ -103,7 +104,7 @@ class PowerIterationResult(NamedTuple):
     """
 
     eigenvalue: jax.Array
-    eigenvector: Any
+    eigenvector: optax.Updates
     iterations: jax.Array
     converged: jax.Array
     residual: jax.Array
@@ -261,14 +262,14 @@ def _hvp_jit(loss_fn, params, vector, batch, has_aux, axis_name):
 
 
 def hessian_vector_product(
-    loss_fn: Callable[[Any, Any], Any],
-    params: Any,
-    vector: Any,
+    loss_fn: Callable[[optax.Params, Any], Any],
+    params: optax.Params,
+    vector: optax.Updates,
     batch: Any,
     *,
     has_aux: bool = False,
     axis_name: AxisName = None,
-) -> Any:
+) -> optax.Updates:
     r"""Hessian-vector product of the loss, by forward-over-reverse differentiation.
 
     .. math::
@@ -352,14 +353,14 @@ def _power_jit(loss_fn, params, batch, key, init_vector, tol, max_iterations, ha
 
 
 def power_iteration(
-    loss_fn: Callable[[Any, Any], Any],
-    params: Any,
+    loss_fn: Callable[[optax.Params, Any], Any],
+    params: optax.Params,
     batch: Any,
     *,
     key: jax.Array,
     tol: float = 1e-4,
     max_iterations: int = 100,
-    init_vector: Any = None,
+    init_vector: optax.Updates | None = None,
     has_aux: bool = False,
     axis_name: AxisName = None,
 ) -> PowerIterationResult:
@@ -395,8 +396,7 @@ def power_iteration(
       A :class:`PowerIterationResult` (eigenvalue, eigenvector, iterations,
       converged, residual).
 
-    Example::
-
+    Examples:
       >>> import jax, jax.numpy as jnp
       >>> from sam_optax import metrics
       >>> def loss_fn(w, batch):  # Hessian: mean(batch) * diag(4, 1, 1)
@@ -497,13 +497,13 @@ def _check_num_steps(num_steps, params):
 
 
 def lanczos(
-    loss_fn: Callable[[Any, Any], Any],
-    params: Any,
+    loss_fn: Callable[[optax.Params, Any], Any],
+    params: optax.Params,
     batch: Any,
     *,
     key: jax.Array,
     num_steps: int,
-    init_vector: Any = None,
+    init_vector: optax.Updates | None = None,
     has_aux: bool = False,
     axis_name: AxisName = None,
 ) -> LanczosResult:
@@ -572,8 +572,8 @@ def lanczos(
 
 
 def top_k_eigenvalues(
-    loss_fn: Callable[[Any, Any], Any],
-    params: Any,
+    loss_fn: Callable[[optax.Params, Any], Any],
+    params: optax.Params,
     batch: Any,
     k: int,
     *,
@@ -638,8 +638,8 @@ def top_k_eigenvalues(
 
 
 def eigenvalue_ratio(
-    loss_fn: Callable[[Any, Any], Any],
-    params: Any,
+    loss_fn: Callable[[optax.Params, Any], Any],
+    params: optax.Params,
     batch: Any,
     *,
     key: jax.Array,
@@ -711,8 +711,8 @@ def _density_jit(loss_fn, params, batch, key, grid, sigma, num_steps, num_runs, 
 
 
 def spectral_density(
-    loss_fn: Callable[[Any, Any], Any],
-    params: Any,
+    loss_fn: Callable[[optax.Params, Any], Any],
+    params: optax.Params,
     batch: Any,
     *,
     key: jax.Array,
@@ -816,8 +816,8 @@ def _trace_jit(loss_fn, params, batch, key, num_probes, has_aux, axis_name):
 
 
 def hutchinson_trace(
-    loss_fn: Callable[[Any, Any], Any],
-    params: Any,
+    loss_fn: Callable[[optax.Params, Any], Any],
+    params: optax.Params,
     batch: Any,
     *,
     key: jax.Array,

@@ -39,7 +39,7 @@ def mrwp_grad(
     beta: float = 0.9,
     *,
     has_aux: bool = False,
-) -> Callable[..., tuple[tuple[Any, Any], Any, RWPState]]:
+) -> Callable[..., tuple[tuple[Any, Any], optax.Updates, RWPState]]:
     r"""The m-RWP gradient: :math:`\lambda g_1 + (1-\lambda) g_0` from two batches, two independent passes.
 
     Returns ``grad_fn(params, state, batch0, batch1, *args) -> ((value0, value1),
@@ -122,7 +122,7 @@ def mrwp_step(
     beta: float = 0.9,
     *,
     has_aux: bool = False,
-) -> tuple[Callable[..., RWPTrainState], Callable[..., tuple[Any, RWPTrainState, Any]]]:
+) -> tuple[Callable[..., RWPTrainState], Callable[..., tuple[optax.Params, RWPTrainState, Any]]]:
     r"""``(init, step)`` for m-RWP with any optax base optimizer ``tx``.
 
     ``init(params, key) -> RWPTrainState``; ``step(params, state, batch0, batch1,

@@ -45,7 +45,7 @@ class MSAMState(NamedTuple):
     """
 
     count: jax.Array  # type: ignore[assignment]  # field shadows tuple.count, as in optax
-    momentum: Any
+    momentum: optax.Updates
     inv_norm: jax.Array
     rho: jax.Array
 
@@ -63,8 +63,8 @@ class MSAMAdamWState(NamedTuple):
     """
 
     count: jax.Array  # type: ignore[assignment]  # field shadows tuple.count, as in optax
-    momentum: Any
-    nu: Any
+    momentum: optax.Updates
+    nu: optax.Updates
     inv_norm: jax.Array
     rho: jax.Array
 
@@ -76,7 +76,7 @@ def _scalar(x: Any, like: jax.Array) -> jax.Array:
     return jnp.asarray(x).astype(like.dtype)
 
 
-def _zeros_state(params: Any) -> tuple[jax.Array, Any, jax.Array]:
+def _zeros_state(params: optax.Params) -> tuple[jax.Array, optax.Updates, jax.Array]:
     dtype = _utils.tree_compute_dtype(params)
     zeros = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.asarray(p).dtype), params)
     return jnp.zeros([], jnp.int32), zeros, jnp.zeros([], dtype)
@@ -324,7 +324,7 @@ def _check_bool(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be a bool (True or False), got {value!r}.")
 
 
-def _find_state(opt_state: Any) -> MSAMState | MSAMAdamWState:
+def _find_state(opt_state: optax.OptState) -> MSAMState | MSAMAdamWState:
     """The one MSAM state inside ``opt_state`` (which may be a chain's tuple or a wrapper's state)."""
     found = [x for x in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, _States)) if isinstance(x, _States)]
     if len(found) != 1:
@@ -332,7 +332,7 @@ def _find_state(opt_state: Any) -> MSAMState | MSAMAdamWState:
     return found[0]
 
 
-def _shift(params: Any, opt_state: Any, sign: float) -> Any:
+def _shift(params: optax.Params, opt_state: optax.OptState, sign: float) -> optax.Params:
     state = _find_state(opt_state)
     # (mypy) jaxlib ships no stubs: PyTreeDef is unresolved
     if jax.tree.structure(params) != jax.tree.structure(state.momentum):  # type: ignore[operator]
@@ -348,7 +348,7 @@ def _shift(params: Any, opt_state: Any, sign: float) -> Any:
     )
 
 
-def msam_unperturbed(params: Any, opt_state: Any) -> Any:
+def msam_unperturbed(params: optax.Params, opt_state: optax.OptState) -> optax.Params:
     r"""The real weights :math:`w = \tilde w + \rho\, s\, m` from MSAM's stored params.
 
     :func:`msam_sgd` and :func:`msam_adamw` keep the *perturbed* point
@@ -383,7 +383,7 @@ def msam_unperturbed(params: Any, opt_state: Any) -> Any:
     return _shift(params, opt_state, 1.0)
 
 
-def msam_perturbed(weights: Any, opt_state: Any) -> Any:
+def msam_perturbed(weights: optax.Params, opt_state: optax.OptState) -> optax.Params:
     r"""The inverse of :func:`msam_unperturbed`: :math:`\tilde w = w - \rho\, s\, m`.
 
     Use it to go back to the stored point after evaluating or modifying the

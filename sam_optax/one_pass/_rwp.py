@@ -44,13 +44,13 @@ class RWPState(NamedTuple):
 
     count: jax.Array  # type: ignore[assignment]  # field shadows tuple.count, as in optax
     key: jax.Array
-    fisher: Any
+    fisher: optax.Updates | None
 
 
 class RWPTrainState(NamedTuple):
     """State of :func:`rwp_step`: the base optimizer's and the perturbation's."""
 
-    opt_state: Any
+    opt_state: optax.OptState
     rwp: RWPState
 
 
@@ -79,7 +79,7 @@ def rwp_sigma_schedule(sigma: float, inc: float, total_steps: int) -> optax.Sche
     return schedule
 
 
-def rwp_init(params: Any, key: jax.Array, *, adaptive: bool = True) -> RWPState:
+def rwp_init(params: optax.Params, key: jax.Array, *, adaptive: bool = True) -> RWPState:
     """The initial :class:`RWPState` of :func:`rwp_grad`.
 
     Args:
@@ -130,7 +130,9 @@ def _leaf_noise(p, key, sigma, fisher, eta):
     return eps
 
 
-def rwp_noise(params: Any, key: jax.Array, sigma: Any, fisher: Any = None, eta: Any = 0.0) -> Any:
+def rwp_noise(
+    params: optax.Params, key: jax.Array, sigma: Any, fisher: optax.Updates | None = None, eta: Any = 0.0
+) -> optax.Updates:
     r"""The (adaptive) filter-wise Gaussian perturbation :math:`\epsilon` (official ``ARWP.first_step``).
 
     For a leaf with ``ndim >= 2`` and filter (last-axis) index :math:`i`,
@@ -180,7 +182,7 @@ def rwp_grad(
     beta: float = 0.9,
     *,
     has_aux: bool = False,
-) -> Callable[..., tuple[Any, Any, RWPState]]:
+) -> Callable[..., tuple[Any, optax.Updates, RWPState]]:
     r"""The ARWP gradient at :math:`w+\epsilon` only (1 pass), and the new perturbation state.
 
     Returns ``grad_fn(params, state, *args) -> (value, grads, new_state)`` with
@@ -267,7 +269,7 @@ def rwp_step(
     beta: float = 0.9,
     *,
     has_aux: bool = False,
-) -> tuple[Callable[..., RWPTrainState], Callable[..., tuple[Any, RWPTrainState, Any]]]:
+) -> tuple[Callable[..., RWPTrainState], Callable[..., tuple[optax.Params, RWPTrainState, Any]]]:
     r"""``(init, step)`` for ARWP at 1x cost with any optax base optimizer ``tx``.
 
     ``init(params, key) -> RWPTrainState``; ``step(params, state, *args) ->

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +13,7 @@ from sam_optax.rules._looksam import scheduled_looksam
 from sam_optax.rules._schedules import check_inner, scheduled_update
 
 
-def _sq_norm(grads: Any) -> jax.Array:
+def _sq_norm(grads: optax.Updates) -> jax.Array:
     """:math:`\\lVert g\\rVert^2` in float32 (at least), over the leaves of ``grads``."""
     return jnp.asarray(_utils.tree_sum(jax.tree.map(jnp.square, _utils.to_compute(grads))), jnp.float32)
 
@@ -50,7 +50,7 @@ class AdaptivePolicyState(NamedTuple):
     grad_sq_mean: jax.Array  # shape=(), dtype=float32.
     grad_sq_var: jax.Array  # shape=(), dtype=float32.
     policy: jax.Array  # shape=(4,), dtype=float32.
-    rule_state: Any
+    rule_state: optax.OptState
 
     def decision(self) -> jax.tree_util.Partial:
         """``clean_grads -> bool``: the callable ``second_pass="auto"`` hands the two-pass helper."""
@@ -94,8 +94,7 @@ def adaptive_policy(
     they are required arguments, with no defaults. :math:`c_t` is held at
     :math:`c_{\mathrm{end}}` after :math:`T` updates.
 
-    Example::
-
+    Examples:
       >>> import jax, jax.numpy as jnp, optax, sam_optax
       >>> loss_fn = lambda w, b: jnp.mean((b @ w - 1.0) ** 2)
       >>> tx = sam_optax.rules.adaptive_policy(sam_optax.sam(optax.sgd(0.1)), 0.9, 0.4, 0.2, 100,
@@ -189,8 +188,7 @@ def adaptive_looksam(
     "the AE policy picks the SAM steps, and LookSAM's gradient reuse is used on
     the others"); the reuse update is the one of :func:`sam_optax.looksam`.
 
-    Example::
-
+    Examples:
       >>> import jax, jax.numpy as jnp, optax, sam_optax
       >>> loss_fn = lambda w, b: jnp.mean((b @ w - 1.0) ** 2)
       >>> tx = sam_optax.rules.adaptive_looksam(optax.sgd(0.1), 0.9, 0.4, 0.2, 100,

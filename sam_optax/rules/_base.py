@@ -28,7 +28,11 @@ import optax
 
 from sam_optax import _utils
 
-CombineFn = Callable[[Any, Any, Any, Any], tuple[Any, Callable[[Any, Any], Any] | None, Any]]
+# combine(g, g_pert, state, params) -> (base_grads, post, extra), see the module docstring
+CombineFn = Callable[
+    [optax.Updates, optax.Updates, Any, optax.Params],
+    tuple[optax.Updates, Callable[[optax.Updates, optax.OptState], optax.Updates] | None, Any],
+]
 
 
 class SharpnessRuleState(NamedTuple):
@@ -44,7 +48,7 @@ class SharpnessRuleState(NamedTuple):
     """
 
     rule_count: jax.Array  # shape=(), dtype=jnp.int32.
-    inner_state: Any
+    inner_state: optax.OptState
     extra: Any = None
 
 
@@ -178,7 +182,7 @@ def _is_multi_steps(x: Any) -> bool:
     return isinstance(x, optax.MultiStepsState)
 
 
-def check_no_multi_steps(inner_state: Any, name: str) -> None:
+def check_no_multi_steps(inner_state: optax.OptState, name: str) -> None:
     """Raises ``ValueError`` if the base optimizer's state holds an ``optax.MultiStepsState``.
 
     Used by rules with a ``post`` hook (decoupled WSAM): ``post`` runs on every
@@ -193,7 +197,7 @@ def check_no_multi_steps(inner_state: Any, name: str) -> None:
         )
 
 
-def clip_by_global_norm(tree: Any, max_norm: Any) -> Any:
+def clip_by_global_norm(tree: optax.Updates, max_norm: Any) -> optax.Updates:
     """``tree * min(1, max_norm / ||tree||)`` (no NaN for a zero tree), in at least float32.
 
     A clipped tree is computed as ``u * (max_norm / ||u||)`` with ``u = tree / d``
@@ -240,8 +244,7 @@ def global_norm_parts(tree: Any) -> tuple[jax.Array, jax.Array]:
     overflow-safe two-pass form of :func:`sam_optax._utils.tree_norm_parts` runs, under
     ``lax.cond`` (scalar outputs only), so ``d * n`` never overflows in between.
 
-    Example::
-
+    Examples:
       >>> import jax.numpy as jnp
       >>> d, n = global_norm_parts({"a": jnp.array([3.0]), "b": jnp.array([4.0])})
       >>> float(d * n)
@@ -264,8 +267,8 @@ def sharpness_rule(
     *,
     name: str,
     max_norm: float | None = None,
-    init_extra: Callable[[Any], Any] | None = None,
-    check_init: Callable[[Any], None] | None = None,
+    init_extra: Callable[[optax.Params], Any] | None = None,
+    check_init: Callable[[optax.OptState], None] | None = None,
     has_post: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Builds a combination rule around a base optimizer.

@@ -91,7 +91,7 @@ def gsam(
     return sharpness_rule(base, combine, name="gsam", max_norm=max_norm)
 
 
-def gsam_direction(g: Any, g_pert: Any, alpha: Any, eps: Any) -> Any:
+def gsam_direction(g: optax.Updates, g_pert: optax.Updates, alpha: Any, eps: Any) -> optax.Updates:
     r""":math:`\tilde g - \alpha\,(g - \langle g, v\rangle v)` with
     :math:`v = \tilde g / (\lVert\tilde g\rVert + \varepsilon)`.
 

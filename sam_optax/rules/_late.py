@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import optax
@@ -24,7 +24,7 @@ class LatePhaseState(NamedTuple):
 
     schedule_count: jax.Array  # shape=(), dtype=int32.
     sam_step_next: jax.Array  # shape=(), dtype=bool.
-    rule_state: Any
+    rule_state: optax.OptState
 
 
 def late_phase(rule: optax.GradientTransformation, start_step: int) -> optax.GradientTransformationExtraArgs:
@@ -57,8 +57,7 @@ def late_phase(rule: optax.GradientTransformation, start_step: int) -> optax.Gra
     renderings of the paper) and the official script; the paper's method and
     settings sections were not read.
 
-    Example::
-
+    Examples:
       >>> import jax, jax.numpy as jnp, optax, sam_optax
       >>> loss_fn = lambda w, b: jnp.mean((b @ w - 1.0) ** 2)
       >>> tx = sam_optax.late_phase(sam_optax.sam(optax.sgd(0.1)), start_step=3)
@@ -102,8 +101,7 @@ def late_phase_schedule(start_step: int, opt_state: optax.OptState) -> Iterator[
     jit the ``second_pass=True`` and ``False`` programs and pick one per step on
     the host. A ``False`` program run on a SAM step gives a NaN update.
 
-    Example::
-
+    Examples:
       >>> import jax.numpy as jnp, optax, sam_optax
       >>> state = sam_optax.late_phase(sam_optax.sam(optax.sgd(0.1)), 2).init(jnp.zeros(2))
       >>> flags = sam_optax.rules.late_phase_schedule(2, state)

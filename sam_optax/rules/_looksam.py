@@ -24,7 +24,7 @@ class LookSAMState(NamedTuple):
         with :func:`looksam_full_step` to skip the second pass on reuse steps).
     """
 
-    sharpness_direction: Any
+    sharpness_direction: optax.Updates
     looksam_full_step: jax.Array  # shape=(), dtype=bool.
 
 
@@ -126,7 +126,9 @@ def looksam(
     return sharpness_rule(base, combine, name="looksam", max_norm=max_norm, init_extra=init_extra)
 
 
-def _full_or_reuse(g: Any, g_pert: Any, w: Any, full: jax.Array, alpha: Any, eps: Any) -> tuple[Any, Any]:
+def _full_or_reuse(
+    g: optax.Updates, g_pert: optax.Updates, w: optax.Updates, full: jax.Array, alpha: Any, eps: Any
+) -> tuple[optax.Updates, optax.Updates]:
     r"""LookSAM's step: ``(what the base optimizer sees, the new stored unit direction)``.
 
     ``full``: :math:`\tilde g` and the fresh direction; otherwise the reuse
@@ -150,7 +152,7 @@ class ScheduledLookSAMState(NamedTuple):
         next update, so ``second_pass="auto"`` does not read it).
     """
 
-    sharpness_direction: Any
+    sharpness_direction: optax.Updates
     sam_step: jax.Array  # shape=(), dtype=bool.
 
 
@@ -186,7 +188,9 @@ def scheduled_looksam(
     return sharpness_rule(base, combine, name="looksam", max_norm=max_norm, init_extra=init_extra)
 
 
-def _stored_direction(g: Any, g_s: Any, w: Any, full: jax.Array, eps: Any) -> Any:
+def _stored_direction(
+    g: optax.Updates, g_s: optax.Updates, w: optax.Updates, full: jax.Array, eps: Any
+) -> optax.Updates:
     """The new stored unit direction: the fresh one on full steps, ``w`` otherwise.
 
     The reductions over the tree run under ``lax.cond`` with scalar outputs
@@ -198,7 +202,7 @@ def _stored_direction(g: Any, g_s: Any, w: Any, full: jax.Array, eps: Any) -> An
     return jax.tree.map(lambda gi, si, wi: jnp.where(full, fresh(gi, si), wi), g, g_s, w)
 
 
-def _direction_coefficients(g: Any, g_s: Any, eps: Any) -> tuple[jax.Array, ...]:
+def _direction_coefficients(g: optax.Updates, g_s: optax.Updates, eps: Any) -> tuple[jax.Array, ...]:
     r"""Scalars ``(inv_g, a, b1, b2)`` with the unit sharpness direction
     :math:`w_i = ((g_{s,i} - a\, g_i\, \mathrm{inv}_g)\, b_1)\, b_2`."""
     g_v, (inv_g, a) = sharpness_direction(g_s, g, eps, coefficients=True)
@@ -209,7 +213,7 @@ def _direction_coefficients(g: Any, g_s: Any, eps: Any) -> tuple[jax.Array, ...]
     return tuple(jnp.asarray(x, dtype) for x in out)
 
 
-def sharpness_direction(g_s: Any, g: Any, eps: Any, *, coefficients: bool = False) -> Any:
+def sharpness_direction(g_s: optax.Updates, g: optax.Updates, eps: Any, *, coefficients: bool = False) -> Any:
     r""":math:`g_v = g_s - \langle g, g_s\rangle\, g / (\lVert g\rVert^2 + \varepsilon)`.
 
     Overflow-safe: with ``u = g / d``, ``n = ||u||`` and :math:`g_s = d_s u_s`
@@ -319,8 +323,7 @@ def looksam_schedule(k: int, opt_state: optax.OptState) -> LookSAMSchedule:
     schedule with the state again (e.g. once per epoch); a reuse program run on a
     step that should be full gives a NaN update (see :func:`looksam`).
 
-    Example::
-
+    Examples:
       >>> import jax, jax.numpy as jnp, optax, sam_optax
       >>> loss_fn = lambda w, b: jnp.mean((b @ w - 1.0) ** 2)
       >>> init, step = sam_optax.sharpness_aware_step(loss_fn, sam_optax.looksam(optax.sgd(0.1), k=3))
@@ -354,7 +357,7 @@ def looksam_schedule(k: int, opt_state: optax.OptState) -> LookSAMSchedule:
     return schedule
 
 
-def _looksam_counter(opt_state: Any) -> tuple[int, Any]:
+def _looksam_counter(opt_state: optax.OptState) -> tuple[int, Any]:
     """``(rule_count, looksam_full_step)`` of the only LookSAM rule state in ``opt_state``."""
     is_look = lambda x: isinstance(x, SharpnessRuleState) and isinstance(x.extra, LookSAMState)  # noqa: E731
     found = [x for x in jax.tree.leaves(opt_state, is_leaf=is_look) if is_look(x)]

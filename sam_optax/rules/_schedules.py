@@ -40,7 +40,7 @@ class PeriodicState(NamedTuple):
 
     schedule_count: jax.Array  # shape=(), dtype=int32.
     sam_step_next: jax.Array  # shape=(), dtype=bool.
-    rule_state: Any
+    rule_state: optax.OptState
 
 
 class RandomizedState(NamedTuple):
@@ -56,7 +56,7 @@ class RandomizedState(NamedTuple):
     schedule_count: jax.Array  # shape=(), dtype=int32.
     rng_key_data: jax.Array  # shape=(2,) for threefry, dtype=uint32.
     sam_step_next: jax.Array  # shape=(), dtype=bool.
-    rule_state: Any
+    rule_state: optax.OptState
 
 
 def schedule_flags(opt_state: optax.OptState) -> list:
@@ -106,7 +106,7 @@ def scheduled_second_pass(opt_state: optax.OptState) -> Any:
     return flags[0] if flags else True
 
 
-def check_inner(rule_state: Any, name: str) -> None:
+def check_inner(rule_state: optax.OptState, name: str) -> None:
     if schedule_flags(rule_state):
         raise ValueError(
             f"{name}: rule already schedules its second pass (looksam, periodic, randomized, late_phase or "
@@ -136,7 +136,7 @@ def scheduled_update(rule, flag, updates, rule_state, params, perturbed_grads, c
     return rule.update(updates, rule_state, params, perturbed_grads=g_pert, clean_grads=clean_grads, **extra_args)
 
 
-def drive_inner(rule_state: Any, flag: Any) -> Any:
+def drive_inner(rule_state: optax.OptState, flag: Any) -> optax.OptState:
     """``rule_state`` with every :class:`~sam_optax.rules._looksam.ScheduledLookSAMState`'s
     ``sam_step`` set to ``flag``: the scheduler's decision of this update, read by the rule."""
     is_driven = lambda x: isinstance(x, ScheduledLookSAMState)  # noqa: E731
@@ -206,8 +206,7 @@ def periodic(rule: optax.GradientTransformation, every: int) -> optax.GradientTr
     ``data=sam_optax.data.shards(axis_name=...)`` each device's own
     perturbation is that.
 
-    Example::
-
+    Examples:
       >>> import jax, jax.numpy as jnp, optax, sam_optax
       >>> loss_fn = lambda w, b: jnp.mean((b @ w - 1.0) ** 2)
       >>> tx = sam_optax.periodic(sam_optax.sam(optax.sgd(0.1)), every=3)
@@ -251,8 +250,7 @@ def periodic_schedule(every: int, opt_state: optax.OptState) -> Iterator[bool]:
     the host, reading no device value (faster on XLA:CPU for convnets). A
     ``False`` program run on a SAM step gives a NaN update.
 
-    Example::
-
+    Examples:
       >>> import jax.numpy as jnp, optax, sam_optax
       >>> state = sam_optax.periodic(sam_optax.sam(optax.sgd(0.1)), every=3).init(jnp.zeros(2))
       >>> flags = sam_optax.rules.periodic_schedule(3, state)
@@ -321,8 +319,7 @@ def randomized(
     are not reproduced from guesses: pass any optax schedule as ``p``. Its G-RST
     generalization is not implemented.
 
-    Example::
-
+    Examples:
       >>> import jax, jax.numpy as jnp, optax, sam_optax
       >>> loss_fn = lambda w, b: jnp.mean((b @ w - 1.0) ** 2)
       >>> tx = sam_optax.randomized(sam_optax.sam(optax.sgd(0.1)), p=0.5, seed=0)

@@ -22,7 +22,7 @@ from sam_optax import _utils
 from sam_optax.rules._base import SharpnessRuleState, read_both
 
 
-def _zeros_or_keep(pred: jax.Array, do_update, rule_state: Any):
+def _zeros_or_keep(pred: jax.Array, do_update, rule_state: optax.OptState):
     """``lax.cond(pred, do_update, lambda: (zero updates, rule_state))``.
 
     The zero updates get the shapes and dtypes of ``do_update``'s (read with
@@ -50,9 +50,9 @@ class ApplyToBothState(NamedTuple):
       rule_state: the rule's state.
     """
 
-    pre_clean_state: Any
-    pre_perturbed_state: Any
-    rule_state: Any
+    pre_clean_state: optax.OptState
+    pre_perturbed_state: optax.OptState
+    rule_state: optax.OptState
 
 
 def apply_to_both(
@@ -144,7 +144,7 @@ class SkipNonfiniteState(NamedTuple):
     nonfinite_streak: jax.Array  # shape=(), dtype=jnp.int32.
     last_step_finite: jax.Array  # shape=(), dtype=bool.
     nonfinite_total: jax.Array  # shape=(), dtype=jnp.int32.
-    rule_state: Any
+    rule_state: optax.OptState
 
 
 def _all_finite(*trees: Any) -> jax.Array:
@@ -253,9 +253,9 @@ class AccumulateState(NamedTuple):
     """
 
     micro_step: jax.Array  # shape=(), dtype=jnp.int32.
-    clean_mean: Any
-    perturbed_mean: Any
-    rule_state: Any
+    clean_mean: optax.Updates
+    perturbed_mean: optax.Updates
+    rule_state: optax.OptState
 
 
 def accumulate(rule: optax.GradientTransformation, every_k: int) -> optax.GradientTransformationExtraArgs:

@@ -42,7 +42,7 @@ class TrajectoryRegularizer(NamedTuple):
         the next step and the multiplier in force (0 when off).
     """
 
-    init: Callable[[Any], Any]
+    init: Callable[[optax.Params], Any]
     prepare: Callable[..., Any]
     loss: Callable[[jax.Array, Any], jax.Array]
     update: Callable[..., Any]
@@ -52,7 +52,7 @@ class TrajectoryRegularizer(NamedTuple):
 class TrajectoryState(NamedTuple):
     """State of :func:`trajectory_step`: the optimizer's and the regularizer's."""
 
-    opt_state: Any
+    opt_state: optax.OptState
     reg_state: Any
 
 
@@ -143,11 +143,14 @@ def with_targets(batch: Any, targets: jax.Array, scale: jax.Array) -> dict:
 
 
 def trajectory_step(
-    logits_fn: Callable[[Any, Any], jax.Array],
+    logits_fn: Callable[[optax.Params, Any], jax.Array],
     loss_fn: Callable[[jax.Array, Any], jax.Array],
     tx: optax.GradientTransformation,
     regularizer: TrajectoryRegularizer,
-) -> tuple[Callable[[Any], TrajectoryState], Callable[..., tuple[Any, TrajectoryState, tuple[jax.Array, dict]]]]:
+) -> tuple[
+    Callable[[optax.Params], TrajectoryState],
+    Callable[..., tuple[optax.Params, TrajectoryState, tuple[jax.Array, dict]]],
+]:
     r"""A training step with a trajectory regularizer (:func:`saf`, :func:`mesa`) and any optax ``tx``.
 
     ``state = init(params)``; ``params, state, (loss, aux) = step(params, state, batch)`` is

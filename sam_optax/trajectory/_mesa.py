@@ -11,7 +11,7 @@ References:
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -32,10 +32,10 @@ class MESAState(NamedTuple):
     """
 
     count: jax.Array  # type: ignore[assignment]  # field shadows tuple.count, as in optax
-    teacher: Any
+    teacher: optax.Params
 
 
-def _ema(teacher: Any, params: Any, decay: float) -> Any:
+def _ema(teacher: optax.Params, params: optax.Params, decay: float) -> optax.Params:
     """:math:`d\\,v + (1-d)\\,\\theta` on floating leaves (in at least float32, stored in
     ``v``'s dtype); other leaves (integer counters, PRNG keys) take the new value."""
 
