@@ -410,3 +410,18 @@ def test_linen_and_nnx_steps_skip_the_second_pass_of_a_scheduler():
         second_pass=False,
     )
     assert_trees_close(arr_state.params, first.params, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("wrap", [lambda r: optax.MultiSteps(r, 2), lambda r: optax.apply_if_finite(r, 3)])
+def test_linen_and_nnx_states_refuse_an_optax_wrapper_around_a_rule(wrap):
+    # optax.MultiSteps / apply_if_finite around a rule see only the clean gradient: both
+    # constructors find them (check_placement) instead of training something else silently.
+    tx = wrap(sam_optax.sam(optax.sgd(LR)))
+    with pytest.raises(ValueError, match="accumulate|skip_nonfinite"):
+        linen_state(tx, geometry.l2(RHO))
+    with pytest.raises(ValueError, match="accumulate|skip_nonfinite"):
+        SharpnessAwareOptimizer(NNet(nnx.Rngs(0, dropout=1)), tx, geometry.l2(RHO))
+    # the wrappers that act on both gradients are accepted by both
+    ok = sam_optax.accumulate(sam_optax.sam(optax.sgd(LR)), 2)
+    assert int(linen_state(ok, geometry.l2(RHO)).step) == 0
+    SharpnessAwareOptimizer(NNet(nnx.Rngs(0, dropout=1)), ok, geometry.l2(RHO))
