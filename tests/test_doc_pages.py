@@ -50,3 +50,39 @@ def test_page_code_runs(page):
             ran += 1
     if page.stem != "index":
         assert ran, f"{page.name} has no code that runs"
+
+
+TEST_REF = re.compile(r"(tests/test_\w+\.py)?::(\w+)")
+
+
+def cited_tests(text):
+    """``(file, function)`` for each ``tests/test_x.py::name`` on a page; a bare ``::name`` is in
+    the file named last before it."""
+    refs, current = [], None
+    for m in TEST_REF.finditer(text):
+        current = m.group(1) or current
+        refs.append((current, m.group(2)))
+    return refs
+
+
+def test_test_references_are_read_with_their_file():
+    text = "Tested: `tests/test_a.py::test_x`, `::test_y` and `tests/test_b.py::test_z[p]`; `::orphan`"
+    assert cited_tests(text) == [
+        ("tests/test_a.py", "test_x"),
+        ("tests/test_a.py", "test_y"),
+        ("tests/test_b.py", "test_z"),
+        ("tests/test_b.py", "orphan"),
+    ]
+
+
+def test_every_test_a_page_names_exists():
+    # The pages back their claims with "Tested: tests/test_x.py::test_y": a renamed or deleted
+    # test must not leave a page citing it.
+    missing, count = [], 0
+    for page in [*PAGES, *DOCS.glob("*.md")]:
+        for file, name in cited_tests(page.read_text()):
+            count += 1
+            path = DOCS.parent / file if file else None
+            if path is None or not re.search(rf"^def {name}\(", path.read_text() if path.exists() else "", re.M):
+                missing.append(f"{page.relative_to(DOCS)}: {file}::{name}")
+    assert count > 100 and missing == []
