@@ -185,6 +185,48 @@ def test_randomized_schedule_of_the_count():
     np.testing.assert_array_equal(flags, [False] * 5 + [True] * 5)
 
 
+@pytest.mark.parametrize("p", [0.3, lambda t: jnp.where(t < 5, 0.0, 0.6)])
+def test_randomized_schedule_draws_the_states_flags_ahead(p):
+    """The host-side flags equal the ones the state draws, across block boundaries, also from a
+    state part-way through training; each block is one device read."""
+    flags, _ = _flags_and_updates(p, seed=4, n=60)
+    tx = sam_optax.randomized(sam_optax.sam(optax.sgd(1.0)), p=p, seed=4)
+    ahead = rules.randomized_schedule(p, tx.init(jnp.zeros(2)), block=7)
+    np.testing.assert_array_equal([next(ahead) for _ in range(60)], flags)
+    state = tx.init(jnp.zeros(2))
+    for _ in range(13):  # resume from update 13
+        _, state = tx.update(jnp.ones(2), state, jnp.zeros(2), perturbed_grads=jnp.ones(2))
+    later = rules.randomized_schedule(p, optax.chain(optax.identity(), tx).init(jnp.zeros(2)), block=5)
+    assert next(later) == flags[0]  # a chain: found inside it (from its own start)
+    resumed = rules.randomized_schedule(p, state, block=5)
+    np.testing.assert_array_equal([next(resumed) for _ in range(47)], flags[13:])
+
+
+def test_randomized_schedule_with_the_wrong_p_gives_nan_not_a_silent_step():
+    loss = lambda w, b: jnp.mean((b @ w - 1.0) ** 2)  # noqa: E731
+    tx = sam_optax.randomized(sam_optax.sam(optax.sgd(0.1)), p=1.0)
+    init, step = sam_optax.sharpness_aware_step(loss, tx, sam_optax.geometry.l2(0.05))
+    state = init(jnp.zeros(2))
+    flag = next(rules.randomized_schedule(0.0, state))  # says base step; the state says SAM
+    assert flag is True  # the first flag is the state's own
+    w, state, _ = step(jnp.zeros(2), state, jnp.ones((4, 2)), second_pass=next(rules.randomized_schedule(1.0, state)))
+    wrong = rules.randomized_schedule(0.0, state)
+    next(wrong)
+    assert next(wrong) is False  # drawn with p = 0 for update 2, which the rule draws with p = 1
+    w2, _, _ = step(w, state, jnp.ones((4, 2)), second_pass=False)
+    assert bool(state.opt_state.sam_step_next) and bool(jnp.isnan(w2).all())
+
+
+def test_randomized_schedule_bad_arguments():
+    state = sam_optax.randomized(sam_optax.sam(optax.sgd(LR)), p=0.5).init(make_params())
+    with pytest.raises(ValueError, match="block"):
+        rules.randomized_schedule(0.5, state, block=0)
+    with pytest.raises(ValueError, match="p"):
+        rules.randomized_schedule(1.5, state)
+    with pytest.raises(ValueError, match="exactly one randomized state, found 0"):
+        rules.randomized_schedule(0.5, sam_optax.sam(optax.sgd(LR)).init(make_params()))
+
+
 def test_two_schedules_in_one_state_raise():
     with pytest.raises(ValueError, match="periodic: rule already schedules"):
         sam_optax.periodic(sam_optax.looksam(optax.sgd(LR), k=2), every=2).init(make_params())

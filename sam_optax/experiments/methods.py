@@ -166,9 +166,10 @@ class Recipe(NamedTuple):
         passes it, and the step raises ``ValueError`` at trace time without it.
       needs_key: ``init`` takes a PRNG key (random perturbations).
       host_schedule: ``opt_state -> iterator of bools``, the literal ``second_pass``
-        of each coming step from a Python counter (``sam_optax.looksam_schedule``,
-        ``rules.periodic_schedule``, ``rules.late_phase_schedule``): on CPU the
-        loop then picks one of two programs per step without reading the device.
+        of each coming step known ahead (``sam_optax.looksam_schedule``,
+        ``rules.periodic_schedule``, ``rules.late_phase_schedule``: a Python counter;
+        ``rules.randomized_schedule``: RST's draws, a block at a time): on CPU the
+        loop then picks one of two programs per step without reading the device each step.
     """
 
     tx: optax.GradientTransformation
@@ -394,7 +395,14 @@ def _scheduled(name, hp, rule, sa, total, seed) -> Recipe:
             host_schedule=functools.partial(rules.periodic_schedule, hp.periodic_every),
         )
     if name == "rst":
-        return Recipe(sam_optax.randomized(rule, hp.rst_p, seed=seed), geometry.l2(hp.rho), sa, False, _last)
+        return Recipe(
+            sam_optax.randomized(rule, hp.rst_p, seed=seed),
+            geometry.l2(hp.rho),
+            sa,
+            False,
+            _last,
+            host_schedule=functools.partial(rules.randomized_schedule, hp.rst_p),
+        )
     tx = sam_optax.adaptive_policy(
         rule, hp.ae_delta, hp.ae_c_start, hp.ae_c_end, total, mu_init=hp.ae_mu_init, var_init=hp.ae_var_init
     )

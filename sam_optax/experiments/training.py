@@ -191,7 +191,7 @@ def _jit_step(step, state, get_opt_state, host_schedule=None):
     """``step`` jitted with donation. On CPU a step with a second-pass schedule becomes two
     programs (literal ``second_pass``) picked on the host: by ``host_schedule(opt_state)``
     (``Recipe.host_schedule``: LookSAM's, periodic's, late-phase's flags from a Python
-    counter, no device read) when given, else by :func:`sam_optax.host_chosen_step`
+    counter, RST's drawn a block ahead; no device read per step) when given, else by :func:`sam_optax.host_chosen_step`
     (``second_pass="host"``: reads the flag, or takes AE-SAM's decision after the clean pass)."""
     opt_state = get_opt_state(state)
     if not schedule_flags(opt_state) or not looksam_host_chosen_default():

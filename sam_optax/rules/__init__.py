@@ -58,6 +58,7 @@ from sam_optax.rules._schedules import (
     periodic,
     periodic_schedule,
     randomized,
+    randomized_schedule,
     scheduled_second_pass,
 )
 from sam_optax.rules._wrappers import (
@@ -99,6 +100,7 @@ __all__ = [
     "RandomizedState",
     "periodic",
     "periodic_schedule",
+    "randomized_schedule",
     "randomized",
     "scheduled_second_pass",
     "sam",

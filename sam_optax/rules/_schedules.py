@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from sam_optax import _utils
@@ -288,6 +289,70 @@ def _draw(key_data: jax.Array, p: Any, count: jax.Array) -> tuple[jax.Array, jax
     key, sub = jax.random.split(jax.random.wrap_key_data(key_data))
     p_t = jnp.asarray(_utils.value_at(p, count), jnp.float32)
     return jax.random.key_data(key), jax.random.uniform(sub, (), jnp.float32) < p_t
+
+
+def randomized_schedule(
+    p: float | Callable[[Any], Any], opt_state: optax.OptState, *, block: int = 1024
+) -> Iterator[bool]:
+    r"""The literal ``second_pass`` flag of each coming :func:`randomized` update, drawn ahead on the device.
+
+    RST's flags are a function of the state's key and the count alone, so they
+    can be drawn before the updates: the state's ``sam_step_next`` first, then
+    :math:`b_{t+1}, b_{t+2}, \dots` by the rule's own key splits, ``block`` at a
+    time in one jitted ``lax.scan`` whose result the host reads once (one device
+    read per ``block`` steps instead of one per step, as
+    :func:`sam_optax.host_chosen_step` does). Jit the ``second_pass=True`` and
+    ``False`` programs and pick one per step, as with
+    :func:`sam_optax.rules.periodic_schedule`. ``p`` must be the rule's: with
+    another ``p`` a ``False`` program runs on some SAM step, whose update is
+    NaN (never a silent SGD step).
+
+    Examples:
+      >>> import jax.numpy as jnp, optax, sam_optax
+      >>> tx = sam_optax.randomized(sam_optax.sam(optax.sgd(0.1)), p=0.5, seed=0)
+      >>> state = tx.init(jnp.zeros(2))
+      >>> ahead = sam_optax.rules.randomized_schedule(0.5, state, block=4)
+      >>> flags = []
+      >>> for _ in range(6):  # the state's own flag before each update, for comparison
+      ...     flags.append((next(ahead), bool(state.sam_step_next)))
+      ...     _, state = tx.update(jnp.ones(2), state, jnp.zeros(2), perturbed_grads=jnp.ones(2))
+      >>> all(a == b for a, b in flags)
+      True
+
+    Raises:
+      ValueError: if ``p`` is not a probability or a schedule of the count,
+        ``block`` is not an integer ``>= 1``, or ``opt_state`` holds no (or more
+        than one) randomized state.
+    """
+    _check_p(p)
+    _utils.check_positive_int("block", block)
+    found = [s for _, s in optax.tree_utils.tree_get_all_with_path(opt_state, "RandomizedState")]
+    if len(found) != 1:
+        raise ValueError(f"opt_state must hold exactly one randomized state, found {len(found)}.")
+    state = found[0]
+
+    @jax.jit
+    def draw_block(key_data, count):
+        def one(carry, _):
+            key_data, count = carry
+            count = count + 1
+            key_data, flag = _draw(key_data, p, count)
+            return (key_data, count), flag
+
+        (key_data, count), flags = jax.lax.scan(one, (key_data, jnp.asarray(count, jnp.int32)), None, length=block)
+        return key_data, count, flags
+
+    # Read now: a step that donates the state deletes its arrays.
+    first, key_data, count = bool(state.sam_step_next), np.asarray(state.rng_key_data), int(state.schedule_count)
+
+    def flags() -> Iterator[bool]:
+        nonlocal key_data, count
+        yield first
+        while True:
+            key_data, count, block_flags = draw_block(key_data, count)
+            yield from (bool(f) for f in np.asarray(block_flags))
+
+    return flags()
 
 
 def randomized(
