@@ -762,6 +762,9 @@ def main(argv=None) -> int:
         with tqdm(total=len(tests), desc=f"test ({s.seeds} seeds)", dynamic_ncols=True) as bar:
             for c in tests:
                 _run(store, c, bar)
+        if args.recost:  # drop the saved timing: the step forms changed, the training runs did not
+            stale = claims._key(cost_config(store, s))
+            store.keep_only([r["config"] for r in store.runs.values() if r["key"] != stale])
         if not args.skip_cost:
             print("cost: timing every step in a separate process (one XLA thread) ...", file=sys.stderr, flush=True)
             _measure_cost(store, cost_config(store, s))
@@ -790,6 +793,11 @@ def _parser() -> argparse.ArgumentParser:
         "--skip-cost",
         action="store_true",
         help="no cost timing (the report then uses a saved one, else the training runs' steps/s)",
+    )
+    p.add_argument(
+        "--recost",
+        action="store_true",
+        help="time the steps again (keeps the training runs; after a change of step form)",
     )
     p.add_argument("--cost-rounds", type=_positive, default=COST_ROUNDS)
     p.add_argument(
